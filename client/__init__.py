@@ -1,0 +1,1 @@
+"""fedcam client package."""

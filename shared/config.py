@@ -1,0 +1,161 @@
+"""Typed, frozen run configuration read from `[tool.flwr.app.config]` (the only place defaults live)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str
+    cameras: int
+    classes: str
+    imgsz: int
+    base_train: int
+    base_val: int
+    camera_train: int
+    camera_val: int
+    camera_pool: int
+
+    @property
+    def names(self) -> list[str]:
+        return [c.strip() for c in self.classes.split(",") if c.strip()]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    student_scale: str
+    student_width: float
+    teacher_scale: str
+    student_checkpoint: str
+    teacher_checkpoint: str
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    batch: int
+    optimizer: str
+    lr: float
+    lr_final: float
+    weight_decay: float
+    momentum: float
+    warmup_steps: int
+    augment: bool
+    fliplr: float
+    hsv: float
+    scale: float
+    threads: int
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    conf: float
+    iou: float
+    max_det: int
+    batch: int
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    rounds: int
+    strategy: str
+    fraction_train: float
+    fraction_evaluate: float
+    min_nodes: int
+    local_epochs: int
+    local_steps: int
+    local_lr: float
+    local_optimizer: str
+    freeze_bn: bool
+    proximal_mu: float
+    server_lr: float
+    server_momentum: float
+    trim_beta: float
+    krum_byzantine: int
+    max_update_norm: float
+    round_timeout: float
+    checkpoint_every: int
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int
+    run_dir: str
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    eval: EvalConfig
+    fed: FedConfig
+
+    def replace(self, **flat: Any) -> "Config":
+        """A copy with flat overrides such as {"train.lr": 0.01} applied (same rules as run config)."""
+        return load_config({**to_flat(self), **flat})
+
+
+def default_flat() -> dict[str, Any]:
+    """The defaults from pyproject, flattened with '.' the way Flower flattens run config."""
+    if not PYPROJECT.exists():
+        raise FileNotFoundError(f"fedcam defaults not found: {PYPROJECT} is missing")
+    table = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    return _flatten(table)
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(_flatten(v, key) if isinstance(v, Mapping) else {key: v})
+    return out
+
+
+def _coerce(name: str, value: Any, typ: type) -> Any:
+    # Run config from `--run-config` may arrive as int for a float field, or as a string.
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                return value.strip().lower() in {"1", "true", "yes", "on"}
+            return bool(value)
+        return typ(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config key '{name}': cannot read {value!r} as {typ.__name__}") from err
+
+
+def _build(cls: type, flat: Mapping[str, Any], prefix: str) -> Any:
+    kwargs = {}
+    for f in fields(cls):
+        key = f"{prefix}{f.name.replace('_', '-')}"
+        if key not in flat:
+            raise KeyError(f"config key '{key}' missing (defaults live in pyproject [tool.flwr.app.config])")
+        typ = {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+        kwargs[f.name] = _coerce(key, flat[key], typ)
+    return cls(**kwargs)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig, "fed": FedConfig}
+
+
+def load_config(overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults from pyproject, then `overrides` (e.g. Flower's `context.run_config`) on top."""
+    flat = {**default_flat(), **dict(overrides or {})}
+    unknown = set(flat) - set(default_flat())
+    if unknown:
+        raise KeyError(f"unknown config keys: {sorted(unknown)}")
+    sections = {name: _build(cls, flat, f"{name}.") for name, cls in _SECTIONS.items()}
+    return Config(seed=int(flat["seed"]), run_dir=str(flat["run-dir"]), **sections)
+
+
+def to_flat(cfg: Config) -> dict[str, Any]:
+    """The inverse of load_config: flat '.'-joined keys, as Flower's run config holds them."""
+    out: dict[str, Any] = {"seed": cfg.seed, "run-dir": cfg.run_dir}
+    for name in _SECTIONS:
+        for k, v in dataclasses.asdict(getattr(cfg, name)).items():
+            out[f"{name}.{k.replace('_', '-')}"] = v
+    return out
