@@ -1,0 +1,120 @@
+"""The `fedcam` command line: data, training, evaluation, and (from the server) federation and snapshots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+import shared  # noqa: F401  (offline environment before any library import)
+from shared.config import Config, load_config
+
+app = typer.Typer(help="fedcam: federated learning of object detectors for smart cameras.", no_args_is_help=True)
+data_app = typer.Typer(help="Camera-world data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+
+SetOpt = typer.Option(None, "--set", help="Config override KEY=VALUE (keys as in [tool.flwr.app.config]).")
+
+
+def parse_sets(sets: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set expects KEY=VALUE, got '{item}'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def config_from(sets: list[str] | None, **flat) -> Config:
+    return load_config({**{k: v for k, v in flat.items() if v is not None}, **parse_sets(sets)})
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
+
+
+def train_progress(bar: Progress, description: str):
+    task = bar.add_task(description, total=None, info="")
+
+    def update(step: int, total: int, loss: float) -> None:
+        bar.update(task, completed=step, total=total, info=f"loss {loss:.3f}")
+
+    return update
+
+
+def print_eval(title: str, result) -> None:
+    table = Table(title=title)
+    for col in ("class", "mAP50", "mAP50-95"):
+        table.add_column(col)
+    for name, (m50, m) in result.per_class.items():
+        table.add_row(name, f"{m50:.3f}", f"{m:.3f}")
+    table.add_row("[bold]all", f"[bold]{result.map50:.3f}", f"[bold]{result.map:.3f}")
+    console.print(table)
+
+
+@data_app.command("make")
+def data_make(out: Path = typer.Option(Path("data/world"), help="Output folder."),
+              cameras: Optional[int] = typer.Option(None, help="Number of camera domains."),
+              seed: Optional[int] = typer.Option(None), sets: Optional[list[str]] = SetOpt):
+    """Generate the procedural camera world: a labelled base domain and N camera domains."""
+    from shared.data.world import make_world
+
+    cfg = config_from(sets, **{"data.cameras": cameras, "seed": seed})
+    d = cfg.data
+    with progress_bar() as bar:
+        task = bar.add_task("generating", total=None, info="")
+        world = make_world(out, d.names, d.cameras, cfg.seed, imgsz=d.imgsz, base_train=d.base_train,
+                           base_val=d.base_val, camera_train=d.camera_train, camera_val=d.camera_val,
+                           camera_pool=d.camera_pool, progress=lambda i, n: bar.update(task, completed=i, total=n))
+    console.print(f"world with {d.cameras} cameras in [bold]{out}[/] (seed {world.get('seed', cfg.seed)})")
+
+
+@app.command("train")
+def train_cmd(data: Path = typer.Option(..., help="data.yaml to train on."),
+              out: Path = typer.Option(..., help="Checkpoint to write."),
+              model: str = typer.Option("student", help="student | teacher (built from config)."),
+              init: Optional[Path] = typer.Option(None, help="Start from this checkpoint (fedcam or Ultralytics .pt)."),
+              epochs: Optional[int] = typer.Option(None), sets: Optional[list[str]] = SetOpt):
+    """Train a detector with the detection loss, then evaluate it on the val split."""
+    from shared import models, task
+    from shared.train import TrainSpec
+
+    cfg = config_from(sets, **{"train.epochs": epochs})
+    names = task.names_of(data)
+    if init:
+        net = models.load(init)
+    else:
+        net = (models.build_teacher if model == "teacher" else models.build_student)(cfg.model, names)
+    with progress_bar() as bar:
+        result = task.fit(net, data, cfg, TrainSpec.central(cfg.train), progress=train_progress(bar, "training"))
+    models.save(net, out, data=str(data), steps=result.steps, seconds=result.seconds)
+    console.print(f"{result.steps} steps in {result.seconds:.1f}s, loss {result.losses[0]:.3f} -> "
+                  f"{result.losses[-1]:.3f}; saved {out}")
+    print_eval(f"{out.name} on {data} (val)", task.score(net, data, cfg))
+
+
+@app.command("eval")
+def eval_cmd(checkpoint: Path = typer.Option(...), data: Path = typer.Option(...),
+             split: str = typer.Option("val"), json_out: bool = typer.Option(False, "--json"),
+             sets: Optional[list[str]] = SetOpt):
+    """Evaluate a checkpoint: mAP50 and mAP50-95, overall and per class."""
+    from shared import models, task
+
+    cfg = config_from(sets)
+    result = task.score(models.load(checkpoint), data, cfg, split)
+    if json_out:
+        typer.echo(json.dumps({"map50": result.map50, "map": result.map, "per_class": result.per_class}))
+    else:
+        print_eval(f"{checkpoint.name} on {data} ({split})", result)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,49 @@
+"""Model weights <-> Flower ArrayRecord, exact both ways, with checks that name the offending tensor."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+
+class UpdateError(ValueError):
+    """An update that does not fit the model: wrong keys, shapes, dtypes, or non-finite values."""
+
+
+def to_record(model_or_state: torch.nn.Module | dict[str, torch.Tensor]) -> ArrayRecord:
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    # BatchNorm buffers (running stats, num_batches_tracked) travel too: a camera's statistics matter.
+    return ArrayRecord(OrderedDict((k, v.detach().cpu().contiguous()) for k, v in state.items()))
+
+
+def to_state_dict(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
+    return OrderedDict((k, torch.from_numpy(np.array(arr.numpy(), copy=True))) for k, arr in record.items())
+
+
+def check_compatible(reference: dict[str, torch.Tensor], record: ArrayRecord, max_norm: float | None = None) -> float:
+    """Raise UpdateError unless `record` has exactly reference's keys, shapes, dtypes and finite values.
+
+    Returns the L2 norm of (record - reference) over floating tensors, checked against `max_norm`.
+    """
+    missing, extra = set(reference) - set(record), set(record) - set(reference)
+    if missing or extra:
+        raise UpdateError(f"keys differ: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    sq = 0.0
+    for key, ref in reference.items():
+        arr = record[key]
+        if tuple(arr.shape) != tuple(ref.shape):
+            raise UpdateError(f"{key}: shape {tuple(arr.shape)} != expected {tuple(ref.shape)}")
+        if arr.dtype != str(ref.numpy().dtype):
+            raise UpdateError(f"{key}: dtype {arr.dtype} != expected {ref.numpy().dtype}")
+        if ref.is_floating_point():
+            value = arr.numpy()
+            if not np.isfinite(value).all():
+                raise UpdateError(f"{key}: contains NaN or Inf")
+            sq += float(np.sum((value.astype(np.float64) - ref.numpy().astype(np.float64)) ** 2))
+    norm = sq ** 0.5
+    if max_norm is not None and norm > max_norm:
+        raise UpdateError(f"update norm {norm:.3g} exceeds the bound {max_norm:.3g}")
+    return norm

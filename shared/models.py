@@ -1,0 +1,132 @@
+"""Teacher and student detectors: built from Ultralytics yaml, saved and loaded without unpickling code."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from shared.env import prepare_ultralytics
+
+prepare_ultralytics()
+from ultralytics.nn.tasks import DetectionModel, yaml_model_load  # noqa: E402
+
+# Ultralytics' default loss gains (box, cls, dfl); the loss reads them from model.args.
+LOSS_GAINS = SimpleNamespace(box=7.5, cls=0.5, dfl=1.5)
+FORMAT = "fedcam-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit the model it is loaded into."""
+
+
+def model_yaml(family: str, scale: str, width: float | None = None) -> dict[str, Any]:
+    """The Ultralytics model dict for e.g. ('yolov8', 'n'), optionally narrowed to `width`."""
+    try:
+        cfg = copy.deepcopy(yaml_model_load(f"{family}.yaml"))
+    except FileNotFoundError:
+        raise ValueError(f"unknown model family '{family}' (Ultralytics yaml such as yolov8, yolo11)") from None
+    if scale not in cfg.get("scales", {}):
+        raise ValueError(f"model family '{family}' has no scale '{scale}' (scales: {sorted(cfg.get('scales', {}))})")
+    cfg["scale"] = scale
+    if width:
+        depth, _, max_ch = cfg["scales"][scale]
+        cfg["scales"][scale] = [depth, float(width), max_ch]
+    cfg.pop("yaml_file", None)
+    return cfg
+
+
+def build(cfg: dict[str, Any], names: list[str]) -> DetectionModel:
+    """A fresh detector for `names` from a model dict; quiet, with loss gains set."""
+    model = DetectionModel(copy.deepcopy(cfg), nc=len(names), verbose=False)
+    model.names = dict(enumerate(names))
+    model.args = LOSS_GAINS
+    return model
+
+
+def build_student(mcfg, names: list[str]) -> DetectionModel:
+    return build(model_yaml(mcfg.family, mcfg.student_scale, mcfg.student_width or None), names)
+
+
+def build_teacher(mcfg, names: list[str]) -> DetectionModel:
+    return build(model_yaml(mcfg.family, mcfg.teacher_scale), names)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def gflops(model: DetectionModel, imgsz: int) -> float:
+    """Forward GFLOPs at imgsz×imgsz (thop, as Ultralytics reports them)."""
+    from ultralytics.utils.torch_utils import get_flops
+
+    return float(get_flops(model, imgsz))
+
+
+def save(model: DetectionModel, path: Path | str, **meta: Any) -> Path:
+    """Write weights + model yaml + names as plain tensors and dicts (loadable with weights_only=True)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"format": FORMAT, "yaml": model.yaml, "names": [model.names[i] for i in sorted(model.names)],
+            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, "meta": meta}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(path)  # atomic: a crash never leaves a truncated checkpoint under the real name
+    return path
+
+
+def load(path: Path | str) -> DetectionModel:
+    """Load a fedcam checkpoint or a user's Ultralytics .pt, never executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    blob = _safe_torch_load(path)
+    if isinstance(blob, dict) and blob.get("format") == FORMAT:
+        model = build(blob["yaml"], blob["names"])
+        model.load_state_dict(blob["state_dict"])
+        return model
+    src = blob.get("ema") or blob.get("model") if isinstance(blob, dict) else None
+    if not isinstance(src, DetectionModel):
+        raise CheckpointError(f"{path}: neither a fedcam checkpoint nor an Ultralytics detection checkpoint")
+    names = src.names if isinstance(src.names, dict) else dict(enumerate(src.names))
+    model = build(src.yaml, [names[i] for i in sorted(names)])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in src.state_dict().items()})
+    return model
+
+
+# Classes an Ultralytics checkpoint pickles: layers, containers and plain namespaces, no callables of
+# consequence. weights_only=True still refuses everything outside this allowlist.
+_SAFE_PREFIXES = ("torch.nn.modules.", "ultralytics.nn.", "ultralytics.utils.", "collections.", "torch.")
+_SAFE_NAMES = {"types.SimpleNamespace", "builtins.set", "builtins.frozenset", "pathlib.PosixPath"}
+
+
+def _safe_torch_load(path: Path) -> Any:
+    import importlib
+    import pickle
+
+    allowed: list[Any] = []
+    for _ in range(200):  # each pass allowlists one more module class the file names
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            name = _unsupported_global(str(err))
+            safe = name and (name in _SAFE_NAMES or name.startswith(_SAFE_PREFIXES))
+            if not safe or name.startswith(("torch._", "torch.hub", "torch.ops")):
+                raise CheckpointError(f"{path}: refused to unpickle {name or 'an unsupported object'}") from None
+            module, _, attr = name.rpartition(".")
+            obj = importlib.import_module(module)
+            allowed.append(getattr(obj, attr))
+        except (RuntimeError, EOFError, OSError) as err:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None
+    raise CheckpointError(f"{path}: too many distinct classes pickled")
+
+
+def _unsupported_global(message: str) -> str | None:
+    import re
+
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    return m.group(1) if m else None

@@ -1,0 +1,62 @@
+"""Task glue: data loaders from a data.yaml, and train/evaluate a model on a split, used by CLI and apps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from shared.config import Config
+from shared.data.augment import AugmentConfig
+from shared.data.dataset import DetectionDataset, collate, load_split, read_data_yaml
+from shared.evaluate import EvalResult, NmsSettings, TorchPredictor, evaluate
+from shared.train import ExtraLoss, Progress, TrainResult, TrainSpec, train
+
+
+def set_threads(n: int) -> None:
+    # Camera boards and this machine have few cores; oversubscription costs more than it gives.
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def augment_config(cfg: Config) -> AugmentConfig | None:
+    t = cfg.train
+    return AugmentConfig(fliplr=t.fliplr, hsv=t.hsv, scale=t.scale) if t.augment else None
+
+
+def make_loader(data_yaml: Path | str, split: str, cfg: Config, train_mode: bool, seed: int | None = None,
+                batch: int | None = None) -> DataLoader:
+    """A loader over one split; shuffled and augmented when training, seeded for reproducibility."""
+    spec = read_data_yaml(data_yaml)
+    if split not in spec.splits:
+        raise KeyError(f"{data_yaml}: no split '{split}' (has {sorted(spec.splits)})")
+    report = load_split(spec, split)
+    seed = cfg.seed if seed is None else seed
+    ds = DetectionDataset(report.samples, cfg.data.imgsz, augment_config(cfg) if train_mode else None, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    bs = batch or (cfg.train.batch if train_mode else cfg.eval.batch)
+    return DataLoader(ds, batch_size=bs, shuffle=train_mode, collate_fn=collate, generator=gen, num_workers=0)
+
+
+def names_of(data_yaml: Path | str) -> list[str]:
+    return read_data_yaml(data_yaml).names
+
+
+def nms_settings(cfg: Config) -> NmsSettings:
+    return NmsSettings(conf=cfg.eval.conf, iou=cfg.eval.iou, max_det=cfg.eval.max_det)
+
+
+def fit(model, data_yaml: Path | str, cfg: Config, spec: TrainSpec, seed: int | None = None,
+        extra_loss: ExtraLoss | None = None, progress: Progress | None = None) -> TrainResult:
+    set_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed if seed is None else seed)
+    return train(model, make_loader(data_yaml, "train", cfg, True, seed), spec, extra_loss, progress)
+
+
+def score(model, data_yaml: Path | str, cfg: Config, split: str = "val",
+          progress: Callable[[int], None] | None = None) -> EvalResult:
+    set_threads(cfg.train.threads)
+    loader = make_loader(data_yaml, split, cfg, False)
+    return evaluate(TorchPredictor(model, nms_settings(cfg)), loader, names_of(data_yaml), progress)

@@ -1,0 +1,133 @@
+"""The training loop: Ultralytics' detection loss, an optimizer and schedule from config, seeded."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from shared.config import FedConfig, TrainConfig
+
+# (batch, preds) -> extra loss term; distillation plugs in here.
+ExtraLoss = Callable[[dict, dict], torch.Tensor]
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    epochs: int = 1
+    max_steps: int = 0  # > 0 caps the number of optimizer steps (federated rounds count in steps)
+    lr: float = 1e-3
+    lr_final: float = 0.1  # final lr as a fraction of lr (cosine)
+    optimizer: str = "AdamW"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 0
+    freeze_bn: bool = False
+    proximal_mu: float = 0.0
+    grad_clip: float = 10.0
+
+    @classmethod
+    def central(cls, t: TrainConfig, **kw) -> "TrainSpec":
+        base = dict(epochs=t.epochs, lr=t.lr, lr_final=t.lr_final, optimizer=t.optimizer, momentum=t.momentum,
+                    weight_decay=t.weight_decay, warmup_steps=t.warmup_steps)
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def local(cls, t: TrainConfig, f: FedConfig, **kw) -> "TrainSpec":
+        # Fine-tuning a good global model: small constant lr, no warmup, BN statistics kept (see README).
+        base = dict(epochs=f.local_epochs, max_steps=f.local_steps, lr=f.local_lr, lr_final=1.0,
+                    optimizer=f.local_optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
+                    freeze_bn=f.freeze_bn, proximal_mu=f.proximal_mu if f.strategy == "fedprox" else 0.0)
+        return cls(**{**base, **kw})
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    examples: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def make_optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    """Weight decay on conv/linear weights only, as Ultralytics does (not on BatchNorm or biases)."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_bn = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+            (no_decay if name == "bias" or is_bn else decay).append(p)
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    name = spec.optimizer.lower()
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=True)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=spec.lr, betas=(spec.momentum, 0.999))
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=spec.lr, betas=(spec.momentum, 0.999))
+    raise ValueError(f"unknown optimizer '{spec.optimizer}' (SGD, Adam, AdamW)")
+
+
+def lr_factor(step: int, total: int, spec: TrainSpec) -> float:
+    if step < spec.warmup_steps:
+        return (step + 1) / spec.warmup_steps
+    t = (step - spec.warmup_steps) / max(1, total - spec.warmup_steps)
+    return spec.lr_final + (1 - spec.lr_final) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def set_train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
+    """Train mode; with freeze_bn, BatchNorm layers keep their running statistics (small local batches)."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def to_float(batch: dict) -> dict:
+    return {**batch, "img": batch["img"].float() / 255.0}
+
+
+def train(model, loader, spec: TrainSpec, extra_loss: ExtraLoss | None = None,
+          progress: Progress | None = None) -> TrainResult:
+    """Train `model` in place on `loader` (batches from shared.data.dataset.collate)."""
+    total = len(loader) * spec.epochs
+    total = min(total, spec.max_steps) if spec.max_steps > 0 else total
+    opt = make_optimizer(model, spec)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, spec))
+    anchor = [p.detach().clone() for p in model.parameters()] if spec.proximal_mu > 0 else None
+    result, start = TrainResult(), time.perf_counter()
+    set_train_mode(model, spec.freeze_bn)
+    for epoch in range(spec.epochs):
+        if hasattr(loader.dataset, "epoch"):
+            loader.dataset.epoch = epoch  # new augmentation draw each epoch, reproducible
+        for batch in loader:
+            if result.steps >= total:
+                break
+            batch = to_float(batch)
+            preds = model(batch["img"])
+            loss = model.loss(batch, preds)[0].sum() / batch["img"].shape[0]
+            if extra_loss is not None:
+                loss = loss + extra_loss(batch, preds)
+            if anchor is not None:  # FedProx: stay near the global model
+                loss = loss + spec.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss at step {result.steps}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            opt.step()
+            sched.step()
+            result.steps += 1
+            result.examples += batch["img"].shape[0]
+            result.losses.append(loss.item())
+            if progress:
+                progress(result.steps, total, result.losses[-1])
+    model.eval()
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,91 @@
+"""Models build from yaml, checkpoints load safely, and weights round-trip exactly through ArrayRecord."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from shared import models
+from shared.arrays import UpdateError, check_compatible, to_record, to_state_dict
+
+
+def test_student_is_tiny_and_teacher_larger(tiny_cfg, tiny_student):
+    teacher = models.build_teacher(tiny_cfg.model, tiny_cfg.data.names)
+    assert 100_000 < models.count_params(tiny_student) < 600_000
+    assert models.count_params(teacher) > 2 * models.count_params(tiny_student)
+    assert tiny_student.model[-1].nc == len(tiny_cfg.data.names)
+
+
+def test_unknown_scale_is_a_clear_error():
+    with pytest.raises(ValueError, match="no scale 'q'"):
+        models.model_yaml("yolov8", "q")
+
+
+def test_array_record_round_trip_is_exact(tiny_student):
+    with torch.no_grad():  # make BatchNorm buffers non-trivial
+        for m in tiny_student.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.num_batches_tracked.fill_(7)
+    state = tiny_student.state_dict()
+    back = to_state_dict(to_record(tiny_student))
+    assert list(back) == list(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    assert any(v.dtype == torch.int64 for v in back.values())
+
+
+def test_check_compatible_names_the_culprit(tiny_student):
+    ref = {k: v.clone() for k, v in tiny_student.state_dict().items()}
+    assert check_compatible(ref, to_record(ref)) == 0.0
+    key = next(k for k, v in ref.items() if v.is_floating_point() and v.ndim == 4)
+    bad = dict(ref, **{key: ref[key].clone().fill_(float("nan"))})
+    with pytest.raises(UpdateError, match=f"{key}: contains NaN"):
+        check_compatible(ref, to_record(bad))
+    with pytest.raises(UpdateError, match="shape"):
+        check_compatible(ref, to_record(dict(ref, **{key: ref[key][:1]})))
+    with pytest.raises(UpdateError, match="dtype"):
+        check_compatible(ref, to_record(dict(ref, **{key: ref[key].double()})))
+    with pytest.raises(UpdateError, match="missing"):
+        check_compatible(ref, to_record({k: v for k, v in ref.items() if k != key}))
+    with pytest.raises(UpdateError, match="exceeds the bound"):
+        check_compatible(ref, to_record(dict(ref, **{key: ref[key] + 100.0})), max_norm=1.0)
+
+
+def test_fedcam_checkpoint_round_trip(tmp_path, tiny_student):
+    path = models.save(tiny_student, tmp_path / "s.pt", note="x")
+    loaded = models.load(path)
+    for k, v in tiny_student.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    assert loaded.names == tiny_student.names
+
+
+def test_ultralytics_checkpoint_loads_with_weights_only(tmp_path, tiny_student):
+    # The layout Ultralytics' trainer saves: a pickled half-precision model object.
+    ckpt = {"date": "2026", "version": "8.4", "epoch": -1, "model": copy.deepcopy(tiny_student).half(),
+            "ema": None, "optimizer": None, "train_args": {"imgsz": 64}}
+    torch.save(ckpt, tmp_path / "ul.pt")
+    loaded = models.load(tmp_path / "ul.pt")
+    w = "model.0.conv.weight"
+    assert torch.allclose(loaded.state_dict()[w], tiny_student.state_dict()[w], atol=1e-2)
+    assert loaded.state_dict()[w].dtype == torch.float32
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/fedcam-pwned",))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    torch.save({"model": _Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(models.CheckpointError, match="refused"):
+        models.load(tmp_path / "evil.pt")
+    (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(models.CheckpointError, match="trunc.pt"):
+        models.load(tmp_path / "trunc.pt")
+    with pytest.raises(models.CheckpointError, match="not found"):
+        models.load(tmp_path / "missing.pt")
