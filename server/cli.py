@@ -118,3 +118,63 @@ def eval_cmd(checkpoint: Path = typer.Option(...), data: Path = typer.Option(...
 
 def main() -> None:
     app()
+
+
+def rounds_table(events: list[dict]) -> Table:
+    table = Table(title="federated rounds")
+    for col in ("round", "sampled", "accepted", "failed", "client loss", "mAP50", "mAP50-95", "seconds"):
+        table.add_column(col, justify="right")
+    train = {e["round"]: e["data"] for e in events if e["kind"] == "train_result"}
+    for e in events:
+        if e["kind"] != "round_end":
+            continue
+        t, c = train.get(e["round"], {}), e["data"].get("central", {})
+        clients = t.get("clients", [])
+        loss = t.get("metrics", {}).get("loss")
+        table.add_row(str(e["round"]), str(len(clients)), str(t.get("accepted", "-")),
+                      str(sum(not x["ok"] for x in clients)), f"{loss:.3f}" if loss is not None else "-",
+                      f"{c.get('map50', 0):.3f}", f"{c.get('map', 0):.3f}", f"{t.get('seconds', 0):.1f}")
+    return table
+
+
+@app.command("simulate")
+def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cameras (one Flower node each)."),
+                 rounds: Optional[int] = typer.Option(None), strategy: Optional[str] = typer.Option(None),
+                 run_dir: Optional[Path] = typer.Option(None, help="Run folder (events, checkpoints, snapshots)."),
+                 scenario: Optional[Path] = typer.Option(None, help="Run-config TOML, e.g. simulations/scenarios/*.toml"),
+                 resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder."),
+                 timeout: float = typer.Option(3600.0, help="Give up (and stop everything) after this many seconds."),
+                 sets: Optional[list[str]] = SetOpt):
+    """Run a local multi-camera federation on Flower's Simulation Engine (world and base student made if missing)."""
+    from rich.live import Live
+
+    from server import simulation
+    from server.events import read_events
+
+    if resume:
+        flat = json.loads((resume / "run_config.json").read_text())
+        cfg = load_config({**flat, "resume": True, **parse_sets(sets)})
+    else:
+        cfg = config_from(sets, **scenario_overrides(scenario), **{"data.cameras": cameras, "fed.rounds": rounds,
+                          "fed.strategy": strategy, "run-dir": str(run_dir) if run_dir else None})
+    cfg = simulation.prepare(cfg, console)
+    events = Path(cfg.run_dir) / "events.jsonl"
+    console.print(f"simulating {cfg.data.cameras} cameras, {cfg.fed.rounds} rounds of {cfg.fed.strategy} "
+                  f"in [bold]{cfg.run_dir}[/] (log: {Path(cfg.run_dir) / 'simulation.log'})")
+    with Live(rounds_table([]), console=console, refresh_per_second=1) as live:
+        code = simulation.launch(cfg, cfg.data.cameras, timeout=timeout,
+                                 on_tick=lambda: live.update(rounds_table(read_events(events))))
+        live.update(rounds_table(read_events(events)))
+    if code != 0:
+        console.print(f"[red]simulation ended with code {code}[/]; see {Path(cfg.run_dir) / 'simulation.log'}")
+        raise typer.Exit(1)
+
+
+def scenario_overrides(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    import tomllib
+
+    from shared.config import _flatten
+
+    return _flatten(tomllib.loads(path.read_text()))

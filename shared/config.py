@@ -89,6 +89,7 @@ class FedConfig:
 class Config:
     seed: int
     run_dir: str
+    resume: bool
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
@@ -149,12 +150,14 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> Config:
     if unknown:
         raise KeyError(f"unknown config keys: {sorted(unknown)}")
     sections = {name: _build(cls, flat, f"{name}.") for name, cls in _SECTIONS.items()}
-    return Config(seed=int(flat["seed"]), run_dir=str(flat["run-dir"]), **sections)
+    top = {"seed": _coerce("seed", flat["seed"], int), "run_dir": _coerce("run-dir", flat["run-dir"], str),
+           "resume": _coerce("resume", flat["resume"], bool)}
+    return Config(**top, **sections)
 
 
 def to_flat(cfg: Config) -> dict[str, Any]:
     """The inverse of load_config: flat '.'-joined keys, as Flower's run config holds them."""
-    out: dict[str, Any] = {"seed": cfg.seed, "run-dir": cfg.run_dir}
+    out: dict[str, Any] = {"seed": cfg.seed, "run-dir": cfg.run_dir, "resume": cfg.resume}
     for name in _SECTIONS:
         for k, v in dataclasses.asdict(getattr(cfg, name)).items():
             out[f"{name}.{k.replace('_', '-')}"] = v

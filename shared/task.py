@@ -26,36 +26,53 @@ def augment_config(cfg: Config) -> AugmentConfig | None:
     return AugmentConfig(fliplr=t.fliplr, hsv=t.hsv, scale=t.scale) if t.augment else None
 
 
-def make_loader(data_yaml: Path | str, split: str, cfg: Config, train_mode: bool, seed: int | None = None,
+def samples_of(data_yamls: Path | str | list, split: str) -> list:
+    """Validated samples of one split, pooled over one or several data.yaml files."""
+    samples = []
+    for data_yaml in data_yamls if isinstance(data_yamls, list) else [data_yamls]:
+        spec = read_data_yaml(data_yaml)
+        if split not in spec.splits:
+            raise KeyError(f"{data_yaml}: no split '{split}' (has {sorted(spec.splits)})")
+        samples += load_split(spec, split).samples
+    return samples
+
+
+def make_loader(data_yaml: Path | str | list, split: str, cfg: Config, train_mode: bool, seed: int | None = None,
                 batch: int | None = None) -> DataLoader:
     """A loader over one split; shuffled and augmented when training, seeded for reproducibility."""
-    spec = read_data_yaml(data_yaml)
-    if split not in spec.splits:
-        raise KeyError(f"{data_yaml}: no split '{split}' (has {sorted(spec.splits)})")
-    report = load_split(spec, split)
     seed = cfg.seed if seed is None else seed
-    ds = DetectionDataset(report.samples, cfg.data.imgsz, augment_config(cfg) if train_mode else None, seed=seed)
+    ds = DetectionDataset(samples_of(data_yaml, split), cfg.data.imgsz, augment_config(cfg) if train_mode else None,
+                          seed=seed)
     gen = torch.Generator().manual_seed(seed)
     bs = batch or (cfg.train.batch if train_mode else cfg.eval.batch)
     return DataLoader(ds, batch_size=bs, shuffle=train_mode, collate_fn=collate, generator=gen, num_workers=0)
 
 
-def names_of(data_yaml: Path | str) -> list[str]:
-    return read_data_yaml(data_yaml).names
+def names_of(data_yaml: Path | str | list) -> list[str]:
+    return read_data_yaml(data_yaml[0] if isinstance(data_yaml, list) else data_yaml).names
+
+
+def camera_yaml(cfg: Config, k: int) -> Path:
+    """data.yaml of camera k in the generated world (simulation partitions map to cameras)."""
+    return Path(cfg.data.root) / f"cam{k:02d}" / "data.yaml"
+
+
+def base_yaml(cfg: Config) -> Path:
+    return Path(cfg.data.root) / "base" / "data.yaml"
 
 
 def nms_settings(cfg: Config) -> NmsSettings:
     return NmsSettings(conf=cfg.eval.conf, iou=cfg.eval.iou, max_det=cfg.eval.max_det)
 
 
-def fit(model, data_yaml: Path | str, cfg: Config, spec: TrainSpec, seed: int | None = None,
+def fit(model, data_yaml: Path | str | list, cfg: Config, spec: TrainSpec, seed: int | None = None,
         extra_loss: ExtraLoss | None = None, progress: Progress | None = None) -> TrainResult:
     set_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed if seed is None else seed)
     return train(model, make_loader(data_yaml, "train", cfg, True, seed), spec, extra_loss, progress)
 
 
-def score(model, data_yaml: Path | str, cfg: Config, split: str = "val",
+def score(model, data_yaml: Path | str | list, cfg: Config, split: str = "val",
           progress: Callable[[int], None] | None = None) -> EvalResult:
     set_threads(cfg.train.threads)
     loader = make_loader(data_yaml, split, cfg, False)

@@ -1,0 +1,63 @@
+"""Client-side task code: which data a node has, and local fine-tuning / evaluation of the global student."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from shared import models, task
+from shared.arrays import to_state_dict
+from shared.config import Config
+from shared.train import TrainSpec
+
+
+class NodeConfigError(ValueError):
+    """The node was started without a usable data source."""
+
+
+def node_data(node_config: Mapping[str, Any], cfg: Config) -> Path:
+    """A device names its data with `data-path`; a simulated node is camera `partition-id` of the world."""
+    if "data-path" in node_config:
+        path = Path(str(node_config["data-path"]))
+        path = path / "data.yaml" if path.is_dir() else path
+        if not path.exists():
+            raise NodeConfigError(f"data-path {path} does not exist on this node")
+        return path
+    if "partition-id" in node_config:
+        return task.camera_yaml(cfg, int(node_config["partition-id"]))
+    raise NodeConfigError("node config needs 'data-path' (device) or 'partition-id' (simulation)")
+
+
+def global_model(arrays, config: Mapping[str, Any]):
+    """Rebuild the student the server sent: its yaml and class names travel in the config record."""
+    model = models.build(json.loads(str(config["model-yaml"])), list(config["names"]))
+    model.load_state_dict(to_state_dict(arrays))
+    return model
+
+
+def update_norm(before: dict[str, torch.Tensor], model: torch.nn.Module) -> float:
+    sq = sum(float(((v.float() - before[k].float()) ** 2).sum()) for k, v in model.state_dict().items()
+             if v.is_floating_point())
+    return sq ** 0.5
+
+
+def local_finetune(model, data_yaml: Path, cfg: Config, config: Mapping[str, Any]) -> dict[str, float]:
+    """Fine-tune in place on this camera's train split; metrics for the server (Flower's num-examples first)."""
+    spec = TrainSpec.local(cfg.train, cfg.fed, lr=float(config.get("lr", cfg.fed.local_lr)),
+                           epochs=int(config.get("local-epochs", cfg.fed.local_epochs)),
+                           max_steps=int(config.get("local-steps", cfg.fed.local_steps)),
+                           proximal_mu=float(config.get("proximal-mu", 0.0)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seed = int(config.get("seed", cfg.seed))
+    result = task.fit(model, data_yaml, cfg, spec, seed=seed)
+    return {"num-examples": result.examples, "loss": sum(result.losses) / max(1, len(result.losses)),
+            "last-loss": result.losses[-1] if result.losses else 0.0, "steps": result.steps,
+            "train-seconds": result.seconds, "update-norm": update_norm(before, model)}
+
+
+def local_evaluate(model, data_yaml: Path, cfg: Config) -> dict[str, float]:
+    result = task.score(model, data_yaml, cfg, "val")
+    return {"num-examples": result.images, "map50": result.map50, "map": result.map}

@@ -1,0 +1,60 @@
+"""Run-folder checkpoints: the global model and strategy state after each round, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from shared.arrays import to_record, to_state_dict
+
+
+@dataclass
+class Progress:
+    round: int  # last completed round
+    total_rounds: int
+    strategy: str
+
+
+class RunCheckpoints:
+    """RUN_DIR/checkpoints/: global_rNNNN.pt (plain tensors), state_rNNNN.npz, and progress.json last."""
+
+    def __init__(self, run_dir: Path | str):
+        self.dir = Path(run_dir) / "checkpoints"
+
+    def save(self, rnd: int, arrays: ArrayRecord, state: dict[str, np.ndarray], progress: Progress) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        weights = self.dir / f"global_r{rnd:04d}.pt"
+        _atomic(weights, lambda p: torch.save(dict(to_state_dict(arrays)), p))
+        _atomic(self.dir / f"state_r{rnd:04d}.npz", lambda p: np.savez(p, **state), suffix=".npz")
+        # progress.json is written last: a crash before it leaves the previous round as the resume point.
+        _atomic(self.dir / "progress.json", lambda p: p.write_text(json.dumps(vars(progress))))
+        return weights
+
+    def progress(self) -> Progress | None:
+        path = self.dir / "progress.json"
+        return Progress(**json.loads(path.read_text())) if path.exists() else None
+
+    def load(self, rnd: int) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
+        weights = self.dir / f"global_r{rnd:04d}.pt"
+        if not weights.exists():
+            raise FileNotFoundError(f"checkpoint of round {rnd} missing: {weights}")
+        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        with np.load(self.dir / f"state_r{rnd:04d}.npz", allow_pickle=False) as z:
+            state = {k: z[k] for k in z.files}
+        return to_record(state_dict), state
+
+    def latest_weights(self) -> Path | None:
+        p = self.progress()
+        return self.dir / f"global_r{p.round:04d}.pt" if p else None
+
+
+def _atomic(path: Path, write, suffix: str = "") -> None:
+    tmp = path.with_name(path.name + ".tmp" + suffix)
+    write(tmp)
+    os.replace(tmp, path)

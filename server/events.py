@@ -1,0 +1,84 @@
+"""Round events of a federated run, and the hooks that consume them (JSON-lines log, checkpoints, ...)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("fedcam.server")
+
+
+@dataclass
+class ClientOutcome:
+    node_id: int
+    ok: bool
+    reason: str = ""  # why a client failed or its update was rejected
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Event:
+    kind: str  # run_start | round_start | train_result | round_end | run_end | run_error
+    round: int = 0
+    time: float = field(default_factory=time.time)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Hook(Protocol):
+    """Anything that reacts to run events: the event log, checkpoints, snapshots, the dashboard store."""
+
+    def __call__(self, event: Event, arrays: Any | None = None) -> None: ...
+
+
+class EventBus:
+    """Fans events out to hooks; a failing hook is logged and never stops the federation."""
+
+    def __init__(self, hooks: list[Hook] | None = None):
+        self.hooks: list[Hook] = list(hooks or [])
+
+    def add(self, hook: Hook) -> None:
+        self.hooks.append(hook)
+
+    def emit(self, kind: str, round: int = 0, arrays: Any | None = None, **data: Any) -> Event:
+        event = Event(kind=kind, round=round, data=data)
+        for hook in self.hooks:
+            try:
+                hook(event, arrays)
+            except Exception:  # noqa: BLE001 - a hook (e.g. snapshot publishing) must not kill training
+                log.exception("hook %s failed on %s event of round %d", getattr(hook, "__name__", hook), kind, round)
+        return event
+
+
+class JsonlLog:
+    """Appends one JSON object per event to RUN_DIR/events.jsonl (flushed, so a crash loses nothing written)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, event: Event, arrays: Any | None = None) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(asdict(event), default=_jsonable) + "\n")
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
+
+
+def read_events(path: Path) -> list[dict]:
+    """Events of a run; a torn last line (crash mid-write) is skipped, not fatal."""
+    out = []
+    if not Path(path).exists():
+        return out
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("skipping unreadable event line in %s", path)
+    return out

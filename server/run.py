@@ -1,0 +1,84 @@
+"""One federated run on the server: its folder, starting model, resume point, central evaluation and hooks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+from server.checkpoint import Progress, RunCheckpoints
+from server.events import EventBus, JsonlLog
+from shared import models, task
+from shared.arrays import to_record, to_state_dict
+from shared.config import Config, to_flat
+
+log = logging.getLogger("fedcam.server")
+
+
+class RunExists(RuntimeError):
+    """The run folder already holds rounds and resume was not asked for: never overwrite them."""
+
+
+class FederatedRun:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.dir = Path(cfg.run_dir)
+        self.checkpoints = RunCheckpoints(self.dir)
+        self.bus = EventBus([JsonlLog(self.dir / "events.jsonl")])
+        self.done, self.state = 0, {}
+        progress = self.checkpoints.progress()
+        if progress and not cfg.resume:
+            raise RunExists(f"{self.dir} already has {progress.round} completed rounds: resume it or pick a new run-dir")
+        self.model = self._initial_model()
+        self.arrays = to_record(self.model)
+        if progress:  # resume from the last completed round
+            self.done = progress.round
+            self.arrays, self.state = self.checkpoints.load(progress.round)
+        self.names = [self.model.names[i] for i in sorted(self.model.names)]
+        self.eval_yamls = [task.camera_yaml(cfg, k) for k in range(cfg.data.cameras)]
+
+    def _initial_model(self):
+        ckpt = self.cfg.model.student_checkpoint
+        if ckpt:
+            return models.load(ckpt)
+        return models.build_student(self.cfg.model, task.names_of(task.base_yaml(self.cfg)))
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.cfg.fed.rounds - self.done)
+
+    def train_config(self) -> ConfigRecord:
+        """What every client needs to rebuild the global model and train it this round."""
+        f = self.cfg.fed
+        return ConfigRecord({"model-yaml": json.dumps(self.model.yaml), "names": self.names,
+                             "lr": f.local_lr, "local-epochs": f.local_epochs, "local-steps": f.local_steps})
+
+    def evaluate_config(self) -> ConfigRecord:
+        return ConfigRecord({"model-yaml": json.dumps(self.model.yaml), "names": self.names})
+
+    def central_evaluate(self, strategy):
+        """Flower's evaluate_fn: score the global model on held-out camera val data, then close the round."""
+
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            rnd = server_round + self.done
+            started = time.time()
+            self.model.load_state_dict(to_state_dict(arrays))
+            result = task.score(self.model, self.eval_yamls, self.cfg)
+            metrics = {"map50": result.map50, "map": result.map}
+            if server_round == 0 and self.done:  # resumed: round `done` was already evaluated and saved
+                return MetricRecord(metrics)
+            if server_round > 0:
+                self.checkpoints.save(rnd, arrays, strategy.state_arrays(),
+                                      Progress(rnd, self.cfg.fed.rounds, self.cfg.fed.strategy))
+            self.bus.emit("round_end", rnd, arrays=arrays, central=metrics, per_class=result.per_class,
+                          eval_seconds=time.time() - started, checkpoint=str(self.checkpoints.dir))
+            return MetricRecord(metrics)
+
+        return evaluate_fn
+
+    def start_event(self) -> None:
+        self.bus.emit("run_start", self.done, config=to_flat(self.cfg), resumed_from=self.done,
+                      params=models.count_params(self.model))

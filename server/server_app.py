@@ -1,0 +1,41 @@
+"""Flower ServerApp: reads config, runs the chosen strategy round by round, logs and checkpoints each round."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+import shared  # noqa: F401  (offline environment first)
+from server.run import FederatedRun
+from server.strategies import make_strategy
+from shared.config import load_config
+
+app = ServerApp()
+log = logging.getLogger("fedcam.server")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = load_config(context.run_config)
+    task_threads(cfg)
+    run = FederatedRun(cfg)
+    strategy = make_strategy(cfg.fed, run.bus, cfg.seed, round_offset=run.done)
+    strategy.load_state_arrays(run.state)
+    run.start_event()
+    try:
+        result = strategy.start(grid, run.arrays, num_rounds=run.remaining, timeout=cfg.fed.round_timeout,
+                                train_config=run.train_config(), evaluate_config=run.evaluate_config(),
+                                evaluate_fn=run.central_evaluate(strategy))
+    except Exception as err:
+        run.bus.emit("run_error", run.done, error=f"{type(err).__name__}: {err}")
+        raise
+    final = result.evaluate_metrics_serverapp
+    run.bus.emit("run_end", cfg.fed.rounds, central={r: dict(m) for r, m in final.items()})
+
+
+def task_threads(cfg) -> None:
+    from shared.task import set_threads
+
+    set_threads(cfg.train.threads)

@@ -1,0 +1,148 @@
+"""Local multi-camera simulation on Flower's Simulation Engine, in a child process fedcam owns and stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from shared.config import Config, PYPROJECT, to_flat
+from shared.env import OFFLINE_ENV, ray_home
+
+APP_DIR = PYPROJECT.parent
+PATH_KEYS = ("data.root", "model.student-checkpoint", "model.teacher-checkpoint")
+
+
+def backend_config(cfg: Config) -> dict:
+    """Ray backend: one CPU budget per client, no dashboard, a small object store (cameras are small)."""
+    cpus = os.cpu_count() or 1
+    return {"client_resources": {"num_cpus": max(1, min(cfg.train.threads, cpus)), "num_gpus": 0.0},
+            "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
+                          "object_store_memory": 256 * 1024 * 1024, "ignore_reinit_error": True}}
+
+
+def child_env(run_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of every simulation process: Ray's HOME with a local bootstrap config, so it never
+    probes cloud metadata; Flower's home inside the run folder; telemetry and installs off."""
+    env = {**os.environ, **OFFLINE_ENV, **(extra or {})}
+    env["HOME"] = str(ray_home(run_dir / "home"))
+    env["FLWR_HOME"] = str(run_dir / "flwr")
+    env["RAY_DISABLE_IMPORT_WARNING"] = "1"
+    env.setdefault("YOLO_CONFIG_DIR", os.environ.get("YOLO_CONFIG_DIR", ""))
+    return env
+
+
+def launch(cfg: Config, num_nodes: int, extra_env: dict[str, str] | None = None, timeout: float | None = None,
+           on_tick: Callable[[], None] | None = None) -> int:
+    """Run the simulation in a child process group and wait (bounded); always stop the whole group.
+
+    Returns the child's exit code, or -1 when `timeout` ran out. Its output goes to RUN_DIR/simulation.log.
+    """
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flat = {**to_flat(cfg), "run-dir": str(run_dir)}
+    for key in PATH_KEYS:  # the child runs inside the run folder: relative paths must not change meaning
+        if flat[key]:
+            flat[key] = str(Path(flat[key]).resolve())
+    (run_dir / "run_config.json").write_text(json.dumps(flat, indent=1))
+    cmd = [sys.executable, "-m", "server.simulation", str(run_dir), str(num_nodes)]
+    deadline = time.monotonic() + timeout if timeout else float("inf")
+    with open(run_dir / "simulation.log", "ab") as out:
+        proc = subprocess.Popen(cmd, env=child_env(run_dir, extra_env), cwd=run_dir, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+                if on_tick:
+                    on_tick()
+            return proc.returncode if proc.returncode is not None else -1
+        finally:
+            stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM then SIGKILL the child's whole session: Ray's raylet, GCS and workers included."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        proc.poll()
+
+
+def _worker(run_dir: Path, num_nodes: int) -> None:
+    """Inside the child: hand the apps to Flower's Simulation Engine with this run's config."""
+    import shared  # noqa: F401
+
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import get_fused_config_from_dir
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import NOOP_FEDERATION_ID, _run_simulation
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    from shared.config import load_config
+
+    # As flwr.simulation.run_simulation sets up its Run, plus the run config overrides it cannot pass on.
+    overrides = json.loads((run_dir / "run_config.json").read_text())
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = overrides
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+    fused = get_fused_config_from_dir(APP_DIR, overrides)
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused)
+
+    _run_simulation(num_supernodes=num_nodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    client_app_attr="client.client_app:app", server_app_attr="server.server_app:app",
+                    backend_config=backend_config(load_config(overrides)), app_dir=str(APP_DIR), run=run,
+                    server_app_context=context, is_app=True)
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]), int(sys.argv[2]))
+
+
+def prepare(cfg: Config, console=None) -> Config:
+    """Make what a simulation needs and is missing: the camera world and a base-trained starting student."""
+    from shared.data.world import make_world
+
+    d = cfg.data
+    say = console.print if console else print
+    if not (Path(d.root) / "world.json").exists() or not all(
+            (Path(d.root) / f"cam{k:02d}" / "data.yaml").exists() for k in range(d.cameras)):
+        say(f"generating the camera world in {d.root} ({d.cameras} cameras)")
+    make_world(Path(d.root), d.names, d.cameras, cfg.seed, imgsz=d.imgsz, base_train=d.base_train,
+               base_val=d.base_val, camera_train=d.camera_train, camera_val=d.camera_val, camera_pool=d.camera_pool)
+    if cfg.model.student_checkpoint:
+        return cfg
+    path = Path(d.root) / "models" / f"student_base_w{cfg.model.student_width}_e{cfg.train.epochs}_s{cfg.seed}.pt"
+    if not path.exists():
+        say(f"training the starting student on the base domain ({cfg.train.epochs} epochs) -> {path}")
+        pretrain_student(cfg, path)
+    return cfg.replace(**{"model.student-checkpoint": str(path)})
+
+
+def pretrain_student(cfg: Config, path: Path) -> Path:
+    """The server's own starting point: the student trained centrally on its labelled base domain."""
+    from shared import models, task
+    from shared.train import TrainSpec
+
+    base = task.base_yaml(cfg)
+    student = models.build_student(cfg.model, task.names_of(base))
+    task.fit(student, base, cfg, TrainSpec.central(cfg.train))
+    return models.save(student, path, data=str(base), epochs=cfg.train.epochs)

@@ -1,0 +1,159 @@
+"""Flower strategies chosen by config, extended (never copied) with update screening, events and resumable state."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum)
+
+from server.events import ClientOutcome, EventBus
+from shared.arrays import UpdateError, check_compatible, to_state_dict
+from shared.config import FedConfig
+
+log = logging.getLogger("fedcam.server")
+STATE_KEYS = ("m_t", "v_t", "momentum_vector")  # server-optimizer state of FedAdam / FedAvgM
+
+
+class NotEnoughNodes(RuntimeError):
+    """Fewer nodes connected than the run needs, within the bounded wait."""
+
+
+class FedcamMixin:
+    """Put before a Flower strategy in the bases: screens updates, emits events, offsets rounds for resume."""
+
+    bus: EventBus
+    round_offset: int = 0
+    seed: int = 0
+    max_update_norm: float | None = None
+    wait_timeout: float = 60.0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        rnd = server_round + self.round_offset
+        self._wait_for_nodes(grid)
+        random.seed(self.seed * 100_003 + rnd)  # Flower samples with `random`: make it replayable on resume
+        self._reference = to_state_dict(arrays)
+        self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
+        config["seed"] = self.seed * 100_003 + rnd
+        messages = list(super().configure_train(rnd, arrays, config, grid))
+        self._sampled = [m.metadata.dst_node_id for m in messages]
+        self._round_start = time.time()
+        self.bus.emit("round_start", rnd, sampled=self._sampled, available=len(list(grid.get_node_ids())))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        rnd = server_round + self.round_offset
+        replies = list(replies)
+        good, outcomes = self._screen(replies)
+        replied = {o.node_id for o in outcomes}
+        outcomes += [ClientOutcome(n, False, "no reply before the round timeout") for n in self._sampled
+                     if n not in replied]
+        arrays, metrics = super().aggregate_train(rnd, good) if good else (None, None)
+        if arrays is not None:
+            arrays = self._restore(arrays)
+        else:
+            log.warning("round %d: no valid update; the global model stays as it was", rnd)
+        self.bus.emit("train_result", rnd, clients=[vars(o) for o in outcomes], accepted=len(good),
+                      seconds=time.time() - self._round_start,
+                      metrics=dict(metrics) if metrics is not None else {})
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        return super().aggregate_evaluate(server_round + self.round_offset, replies)
+
+    # --- helpers ---------------------------------------------------------------------------------------
+    def _wait_for_nodes(self, grid: Grid) -> None:
+        # Flower's sampler waits forever for nodes; a camera fleet must not hang the server.
+        need, deadline = getattr(self, "min_available_nodes", 1), time.monotonic() + self.wait_timeout
+        while (have := len(list(grid.get_node_ids()))) < need:
+            if time.monotonic() > deadline:
+                raise NotEnoughNodes(f"only {have} of {need} required nodes connected after {self.wait_timeout:.0f}s")
+            time.sleep(0.5)
+
+    def _screen(self, replies: list[Message]) -> tuple[list[Message], list[ClientOutcome]]:
+        good, outcomes = [], []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                outcomes.append(ClientOutcome(node, False, f"client error: {msg.error.reason}"))
+                continue
+            metrics = {k: float(v) for r in msg.content.metric_records.values() for k, v in r.items()
+                       if isinstance(v, (int, float))}
+            try:
+                if not msg.content.array_records:
+                    raise UpdateError("reply carries no weights")
+                record = next(iter(msg.content.array_records.values()))
+                metrics["update-norm-server"] = check_compatible(self._reference, record, self.max_update_norm)
+            except UpdateError as err:
+                log.warning("round update from node %d rejected: %s", node, err)
+                outcomes.append(ClientOutcome(node, False, f"update rejected: {err}", metrics))
+                continue
+            good.append(msg)
+            outcomes.append(ClientOutcome(node, True, "", metrics))
+        return good, outcomes
+
+    def _restore(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Averaging turns integer buffers into floats and server optimizers can push BN variances below 0."""
+        out = {}
+        for key, arr in arrays.items():
+            value = arr.numpy()
+            if key.endswith("running_var"):
+                value = np.maximum(value, 1e-6)
+            dtype = self._dtypes[key]
+            value = np.rint(value).astype(dtype) if np.issubdtype(dtype, np.integer) else value.astype(dtype)
+            out[key] = Array(np.array(value, order="C"))  # not ascontiguousarray: it turns 0-d into 1-d
+        return ArrayRecord(out)
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Server-optimizer state, flattened for np.savez (resume continues it exactly)."""
+        flat = {}
+        for name in STATE_KEYS:
+            value = getattr(self, name, None)
+            if isinstance(value, dict):
+                flat.update({f"{name}/{k}": v for k, v in value.items()})
+            elif isinstance(value, list):
+                flat.update({f"{name}/#{i}": v for i, v in enumerate(value)})
+        return flat
+
+    def load_state_arrays(self, flat: dict[str, np.ndarray]) -> None:
+        for name in STATE_KEYS:
+            items = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(name + "/")}
+            if not items:
+                continue
+            if all(k.startswith("#") for k in items):
+                setattr(self, name, [items[f"#{i}"] for i in range(len(items))])
+            else:
+                setattr(self, name, items)
+
+
+BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": FedAvgM, "fedmedian": FedMedian,
+         "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
+
+
+def make_strategy(f: FedConfig, bus: EventBus, seed: int, round_offset: int = 0, num_nodes: int | None = None):
+    """The Flower strategy named by `fed.strategy`, with fedcam's screening and events mixed in."""
+    name = f.strategy.lower()
+    if name not in BASES:
+        raise ValueError(f"unknown strategy '{f.strategy}' (choose from {', '.join(BASES)})")
+    common = dict(fraction_train=f.fraction_train, fraction_evaluate=f.fraction_evaluate,
+                  min_train_nodes=f.min_nodes, min_evaluate_nodes=f.min_nodes,
+                  min_available_nodes=f.min_nodes)
+    extra = {"fedprox": dict(proximal_mu=f.proximal_mu),
+             "fedadam": dict(eta=f.server_lr, eta_l=f.local_lr),
+             "fedavgm": dict(server_learning_rate=1.0, server_momentum=f.server_momentum),
+             "fedtrimmedavg": dict(beta=f.trim_beta),
+             "krum": dict(num_malicious_nodes=f.krum_byzantine)}.get(name, {})
+    cls = type(f"Fedcam{BASES[name].__name__}", (FedcamMixin, BASES[name]), {})
+    strategy = cls(**common, **extra)
+    strategy.bus, strategy.seed, strategy.round_offset = bus, seed, round_offset
+    strategy.max_update_norm = f.max_update_norm if f.max_update_norm > 0 else None
+    strategy.wait_timeout = f.round_timeout
+    return strategy

@@ -1,0 +1,1 @@
+"""Camera-world data: generation, reading and validation, augmentation."""
