@@ -33,6 +33,9 @@ def child_env(run_dir: Path, extra: dict[str, str] | None = None) -> dict[str, s
     env["HOME"] = str(ray_home(run_dir / "home"))
     env["FLWR_HOME"] = str(run_dir / "flwr")
     env["RAY_DISABLE_IMPORT_WARNING"] = "1"
+    # Local Ray finds "its" IP by connecting a UDP socket to a public DNS server; with clusters off it
+    # uses loopback instead (a multi-node Ray cluster sets this back to 1, see README).
+    env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     env.setdefault("YOLO_CONFIG_DIR", os.environ.get("YOLO_CONFIG_DIR", ""))
     return env
 
