@@ -1,0 +1,82 @@
+"""Every configured strategy is a Flower strategy that screens updates: NaN, wrong shapes and errors never count."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from server.events import EventBus
+from server.strategies import BASES, make_strategy
+from shared.arrays import to_record, to_state_dict
+
+
+@pytest.fixture(autouse=True)
+def server_task_identity():
+    """Messages take their run id from the process's task identity, as inside a running ServerApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def reply(arrays: ArrayRecord, node: int, examples: int = 10, error: str | None = None) -> Message:
+    ask = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({})}), dst_node_id=node, message_type="train")
+    if error:
+        msg = Message(Error(code=0, reason=error), reply_to=ask)
+    else:
+        msg = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": examples})}), reply_to=ask)
+    msg.metadata.__dict__["_src_node_id"] = node  # a reply's source: the node it was sent to
+    return msg
+
+
+def prepared(name: str, tiny_cfg, global_arrays: ArrayRecord, events: list):
+    fed = dataclasses.replace(tiny_cfg.fed, strategy=name, min_nodes=1, krum_byzantine=0)
+    strategy = make_strategy(fed, EventBus([lambda e, a=None: events.append(e)]), seed=0)
+    # What configure_train records before messages go out (it needs a live Grid to run for real).
+    strategy._reference = to_state_dict(global_arrays)
+    strategy._dtypes = {k: a.numpy().dtype for k, a in global_arrays.items()}
+    strategy._sampled, strategy._round_start = [1, 2, 3, 4], 0.0
+    strategy.current_arrays = {k: a.numpy() for k, a in global_arrays.items()} if name == "fedadam" else global_arrays
+    return strategy
+
+
+def shifted(state: dict, delta: float) -> ArrayRecord:
+    return to_record({k: v + delta if v.is_floating_point() else v for k, v in state.items()})
+
+
+@pytest.mark.parametrize("name", sorted(BASES))
+def test_strategy_aggregates_only_valid_updates(name, tiny_cfg, tiny_student):
+    state = tiny_student.state_dict()
+    global_arrays, events = to_record(state), []
+    strategy = prepared(name, tiny_cfg, global_arrays, events)
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 4)
+    nan = {k: v.clone() for k, v in state.items()}
+    nan[key][0] = float("nan")
+    replies = [reply(shifted(state, 0.01), 1), reply(shifted(state, 0.03), 2),
+               reply(to_record(nan), 3), reply(global_arrays, 4, error="camera offline")]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    for k, a in arrays.items():  # dtypes survive averaging (num_batches_tracked stays an integer)
+        assert a.numpy().dtype == state[k].numpy().dtype and a.numpy().shape == tuple(state[k].shape), k
+        assert np.isfinite(a.numpy()).all(), k
+    (event,) = [e for e in events if e.kind == "train_result"]
+    outcomes = {c["node_id"]: c for c in event.data["clients"]}
+    assert event.data["accepted"] == 2 and outcomes[1]["ok"] and outcomes[2]["ok"]
+    assert "NaN" in outcomes[3]["reason"] and "camera offline" in outcomes[4]["reason"]
+
+
+def test_unknown_strategy_is_named(tiny_cfg):
+    with pytest.raises(ValueError, match="unknown strategy 'fedfoo'"):
+        make_strategy(dataclasses.replace(tiny_cfg.fed, strategy="fedfoo"), EventBus(), 0)
+
+
+def test_too_large_update_is_rejected(tiny_cfg, tiny_student):
+    state, events = tiny_student.state_dict(), []
+    strategy = prepared("fedavg", tiny_cfg, to_record(state), events)
+    strategy.max_update_norm = 1.0
+    arrays, _ = strategy.aggregate_train(1, [reply(shifted(state, 5.0), 1)])
+    assert arrays is None
+    assert "exceeds the bound" in events[-1].data["clients"][0]["reason"]
+    assert "no reply" in events[-1].data["clients"][-1]["reason"]  # sampled nodes 2-4 never answered
