@@ -178,3 +178,21 @@ def scenario_overrides(path: Path | None) -> dict:
     from shared.config import _flatten
 
     return _flatten(tomllib.loads(path.read_text()))
+
+
+@app.command("baseline")
+def baseline_cmd(kind: str = typer.Argument(..., help="local (each camera alone) | central (pooled camera data)"),
+                 cameras: Optional[int] = typer.Option(None), rounds: Optional[int] = typer.Option(None),
+                 run_dir: Optional[Path] = typer.Option(None),
+                 scenario: Optional[Path] = typer.Option(None), sets: Optional[list[str]] = SetOpt):
+    """Baselines in the federated harness, same local optimizer and budget per round, same event log."""
+    from server import baselines, simulation
+    from server.events import read_events
+
+    if kind not in ("local", "central"):
+        raise typer.BadParameter("kind is 'local' or 'central'")
+    cfg = config_from(sets, **scenario_overrides(scenario), **{"data.cameras": cameras, "fed.rounds": rounds,
+                      "run-dir": str(run_dir) if run_dir else None})
+    cfg = simulation.prepare(cfg, console)
+    (baselines.local_only if kind == "local" else baselines.centralized)(cfg, Path(cfg.model.student_checkpoint))
+    console.print(rounds_table(read_events(Path(cfg.run_dir) / "events.jsonl")))

@@ -38,7 +38,6 @@ class FederatedRun:
             self.done = progress.round
             self.arrays, self.state = self.checkpoints.load(progress.round)
         self.names = [self.model.names[i] for i in sorted(self.model.names)]
-        self.eval_yamls = [task.camera_yaml(cfg, k) for k in range(cfg.data.cameras)]
 
     def _initial_model(self):
         ckpt = self.cfg.model.student_checkpoint
@@ -66,14 +65,13 @@ class FederatedRun:
             rnd = server_round + self.done
             started = time.time()
             self.model.load_state_dict(to_state_dict(arrays))
-            result = task.score(self.model, self.eval_yamls, self.cfg)
-            metrics = {"map50": result.map50, "map": result.map}
+            metrics = task.score_cameras(self.model, self.cfg)
             if server_round == 0 and self.done:  # resumed: round `done` was already evaluated and saved
                 return MetricRecord(metrics)
             if server_round > 0:
                 self.checkpoints.save(rnd, arrays, strategy.state_arrays(),
                                       Progress(rnd, self.cfg.fed.rounds, self.cfg.fed.strategy))
-            self.bus.emit("round_end", rnd, arrays=arrays, central=metrics, per_class=result.per_class,
+            self.bus.emit("round_end", rnd, arrays=arrays, central=metrics,
                           eval_seconds=time.time() - started, checkpoint=str(self.checkpoints.dir))
             return MetricRecord(metrics)
 

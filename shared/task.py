@@ -77,3 +77,13 @@ def score(model, data_yaml: Path | str | list, cfg: Config, split: str = "val",
     set_threads(cfg.train.threads)
     loader = make_loader(data_yaml, split, cfg, False)
     return evaluate(TorchPredictor(model, nms_settings(cfg)), loader, names_of(data_yaml), progress)
+
+
+def score_cameras(model, cfg: Config, cameras: list[int] | None = None) -> dict[str, float]:
+    """Central evaluation on held-out camera data: pooled val mAP, and the mean of per-camera val mAPs."""
+    cams = cameras if cameras is not None else list(range(cfg.data.cameras))
+    yamls = [camera_yaml(cfg, k) for k in cams]
+    pooled = score(model, yamls, cfg)
+    per = [score(model, y, cfg) for y in yamls]
+    return {"map50": pooled.map50, "map": pooled.map, "cam-map50": sum(r.map50 for r in per) / len(per),
+            "cam-map": sum(r.map for r in per) / len(per)}
