@@ -61,20 +61,17 @@ def print_eval(title: str, result) -> None:
 
 
 @data_app.command("make")
-def data_make(out: Path = typer.Option(Path("data/world"), help="Output folder."),
+def data_make(out: Path = typer.Option(..., help="Output folder (e.g. data/world)."),
               cameras: Optional[int] = typer.Option(None, help="Number of camera domains."),
               seed: Optional[int] = typer.Option(None), sets: Optional[list[str]] = SetOpt):
     """Generate the procedural camera world: a labelled base domain and N camera domains."""
-    from shared.data.world import make_world
+    from shared import task
 
-    cfg = config_from(sets, **{"data.cameras": cameras, "seed": seed})
-    d = cfg.data
+    cfg = config_from(sets, **{"data.cameras": cameras, "seed": seed, "data.root": str(out)})
     with progress_bar() as bar:
-        task = bar.add_task("generating", total=None, info="")
-        world = make_world(out, d.names, d.cameras, cfg.seed, imgsz=d.imgsz, base_train=d.base_train,
-                           base_val=d.base_val, camera_train=d.camera_train, camera_val=d.camera_val,
-                           camera_pool=d.camera_pool, progress=lambda i, n: bar.update(task, completed=i, total=n))
-    console.print(f"world with {d.cameras} cameras in [bold]{out}[/] (seed {world.get('seed', cfg.seed)})")
+        job = bar.add_task("generating", total=None, info="")
+        world = task.ensure_world(cfg, progress=lambda i, n: bar.update(job, completed=i, total=n))
+    console.print(f"world with {cfg.data.cameras} cameras in [bold]{out}[/] (seed {world['seed']})")
 
 
 @app.command("train")

@@ -122,15 +122,12 @@ if __name__ == "__main__":
 
 def prepare(cfg: Config, console=None) -> Config:
     """Make what a simulation needs and is missing: the camera world and a base-trained starting student."""
-    from shared.data.world import make_world
+    from shared import task
 
     d = cfg.data
     say = console.print if console else print
-    if not (Path(d.root) / "world.json").exists() or not all(
-            (Path(d.root) / f"cam{k:02d}" / "data.yaml").exists() for k in range(d.cameras)):
-        say(f"generating the camera world in {d.root} ({d.cameras} cameras)")
-    make_world(Path(d.root), d.names, d.cameras, cfg.seed, imgsz=d.imgsz, base_train=d.base_train,
-               base_val=d.base_val, camera_train=d.camera_train, camera_val=d.camera_val, camera_pool=d.camera_pool)
+    say(f"camera world in {d.root} ({d.cameras} cameras; generated if missing)")
+    task.ensure_world(cfg)
     if cfg.model.student_checkpoint:
         return cfg
     path = Path(d.root) / "models" / f"student_base_w{cfg.model.student_width}_e{cfg.train.epochs}_s{cfg.seed}.pt"

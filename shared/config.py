@@ -22,6 +22,7 @@ class DataConfig:
     camera_train: int
     camera_val: int
     camera_pool: int
+    shift: bool
 
     @property
     def names(self) -> list[str]:

@@ -48,6 +48,16 @@ def make_loader(data_yaml: Path | str | list, split: str, cfg: Config, train_mod
     return DataLoader(ds, batch_size=bs, shuffle=train_mode, collate_fn=collate, generator=gen, num_workers=0)
 
 
+def ensure_world(cfg: Config, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Generate the configured camera world under data.root unless it is already there."""
+    from shared.data.world import make_world
+
+    d = cfg.data
+    return make_world(Path(d.root), d.names, d.cameras, cfg.seed, imgsz=d.imgsz, base_train=d.base_train,
+                      base_val=d.base_val, camera_train=d.camera_train, camera_val=d.camera_val,
+                      camera_pool=d.camera_pool, shift=d.shift, progress=progress)
+
+
 def names_of(data_yaml: Path | str | list) -> list[str]:
     return read_data_yaml(data_yaml[0] if isinstance(data_yaml, list) else data_yaml).names
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import shared  # noqa: F401
 from shared import models, task
 from shared.config import load_config
-from shared.data.world import make_world
 from shared.train import TrainSpec
 
 
@@ -27,8 +26,7 @@ def main() -> None:
                        "train.threads": 2})
     d = cfg.data
     t0 = time.perf_counter()
-    make_world(Path(d.root), d.names, d.cameras, cfg.seed, imgsz=d.imgsz, base_train=d.base_train,
-               base_val=d.base_val, camera_train=d.camera_train, camera_val=d.camera_val, camera_pool=d.camera_pool)
+    task.ensure_world(cfg)
     print(f"world: {d.cameras} cameras, imgsz {d.imgsz}, made/checked in {time.perf_counter() - t0:.1f}s")
     base = task.base_yaml(cfg)
     names = task.names_of(base)

@@ -24,12 +24,10 @@ def tiny_cfg():
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory, tiny_cfg) -> Path:
-    from shared.data.world import make_world
+    from shared import task
 
     out = tmp_path_factory.mktemp("world")
-    d = tiny_cfg.data
-    make_world(out, d.names, d.cameras, seed=0, imgsz=d.imgsz, base_train=d.base_train, base_val=d.base_val,
-               camera_train=d.camera_train, camera_val=d.camera_val, camera_pool=d.camera_pool)
+    task.ensure_world(tiny_cfg.replace(**{"data.root": str(out)}))
     return out
 
 

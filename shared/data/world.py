@@ -253,20 +253,24 @@ def _frame(rng, s, names, dom, scene):
 
 def make_world(out: Path, names: list[str], cameras: int, seed: int, imgsz: int = 320,
                base_train: int = 400, base_val: int = 100, camera_train: int = 80, camera_val: int = 40,
-               camera_pool: int = 120, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Generate (or reuse) the world under `out`; returns the world.json dict."""
+               camera_pool: int = 120, shift: bool = True, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Generate (or reuse) the world under `out`; returns the world.json dict.
+
+    shift=False gives near-IID cameras: every camera draws its frames like the base domain does.
+    """
     names, out = [str(n) for n in names], Path(out).resolve()
     if not names or len(set(names)) != len(names) or cameras < 0 or imgsz < 32 or seed < 0:
         raise ValueError("need unique non-empty names, cameras >= 0, imgsz >= 32, seed >= 0")
     counts = {"cameras": cameras, "base_train": base_train, "base_val": base_val, "camera_train": camera_train,
               "camera_val": camera_val, "camera_pool": camera_pool}
-    head = {"version": VERSION, "seed": seed, "names": names, "imgsz": imgsz, "counts": counts}
+    head = {"version": VERSION, "seed": seed, "names": names, "imgsz": imgsz, "counts": counts, "shift": shift}
     old = json.loads((out / "world.json").read_text()) if (out / "world.json").exists() else {}
     if {k: old.get(k) for k in head} == head:
         return old
     world = {**head, "cameras": [_camera(seed, k, names) for k in range(cameras)]}
     plan = [("base", None, {"train": base_train, "val": base_val})] + [
-        (d["name"], d, {"train": camera_train, "val": camera_val, "pool": camera_pool}) for d in world["cameras"]]
+        (d["name"], d if shift else None, {"train": camera_train, "val": camera_val, "pool": camera_pool})
+        for d in world["cameras"]]
     total, done = sum(sum(splits.values()) for _, _, splits in plan), 0
     tmp = out / f".tmp-world-{os.getpid()}"  # inside `out`: same filesystem, so the renames below are atomic
     shutil.rmtree(tmp, ignore_errors=True)
@@ -274,7 +278,7 @@ def make_world(out: Path, names: list[str], cameras: int, seed: int, imgsz: int 
         for did, (name, dom, splits) in enumerate(plan):
             root = tmp / name
             data = {"path": str(out / name), "train": "images/train", "val": "images/val"}  # the final place, not tmp
-            data.update({"pool": "images/pool"} if dom else {}, nc=len(names), names=dict(enumerate(names)))
+            data.update({"pool": "images/pool"} if "pool" in splits else {}, nc=len(names), names=dict(enumerate(names)))
             # A camera's scene (background, fixed props, light map) is drawn once: every frame shares it.
             scene = _scene(np.random.default_rng([seed, 4, did]), imgsz, dom) if dom else None
             for sid, (split, count) in enumerate(splits.items()):
