@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from shared.env import OFFLINE_ENV, ray_home
 
 APP_DIR = PYPROJECT.parent
 PATH_KEYS = ("data.root", "model.student-checkpoint", "model.teacher-checkpoint")
+BASE_KEYS = ("seed", "data.classes", "data.imgsz", "data.base-train", "data.base-val")
 
 
 def backend_config(cfg: Config) -> dict:
@@ -130,7 +132,10 @@ def prepare(cfg: Config, console=None) -> Config:
     task.ensure_world(cfg)
     if cfg.model.student_checkpoint:
         return cfg
-    path = Path(d.root) / "models" / f"student_base_w{cfg.model.student_width}_e{cfg.train.epochs}_s{cfg.seed}.pt"
+    # Keyed by everything the base student depends on, so a changed world or recipe never reuses a stale one.
+    recipe = {k: v for k, v in to_flat(cfg).items() if k.split(".")[0] in ("model", "train") or k in BASE_KEYS}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(d.root) / "models" / f"student_base_{key}.pt"
     if not path.exists():
         say(f"training the starting student on the base domain ({cfg.train.epochs} epochs) -> {path}")
         pretrain_student(cfg, path)

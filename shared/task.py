@@ -38,11 +38,11 @@ def samples_of(data_yamls: Path | str | list, split: str) -> list:
 
 
 def make_loader(data_yaml: Path | str | list, split: str, cfg: Config, train_mode: bool, seed: int | None = None,
-                batch: int | None = None) -> DataLoader:
-    """A loader over one split; shuffled and augmented when training, seeded for reproducibility."""
+                batch: int | None = None, extra_samples: list | None = None) -> DataLoader:
+    """A loader over one split (plus extra samples); shuffled and augmented when training, seeded."""
     seed = cfg.seed if seed is None else seed
-    ds = DetectionDataset(samples_of(data_yaml, split), cfg.data.imgsz, augment_config(cfg) if train_mode else None,
-                          seed=seed)
+    samples = samples_of(data_yaml, split) + list(extra_samples or [])
+    ds = DetectionDataset(samples, cfg.data.imgsz, augment_config(cfg) if train_mode else None, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     bs = batch or (cfg.train.batch if train_mode else cfg.eval.batch)
     return DataLoader(ds, batch_size=bs, shuffle=train_mode, collate_fn=collate, generator=gen, num_workers=0)
@@ -76,10 +76,14 @@ def nms_settings(cfg: Config) -> NmsSettings:
 
 
 def fit(model, data_yaml: Path | str | list, cfg: Config, spec: TrainSpec, seed: int | None = None,
-        extra_loss: ExtraLoss | None = None, progress: Progress | None = None) -> TrainResult:
+        extra_loss: ExtraLoss | None = None, progress: Progress | None = None, aux=None,
+        extra_samples: list | None = None) -> TrainResult:
+    """Train on the train split(s) of `data_yaml`, plus `extra_samples` (e.g. teacher pseudo-labelled frames)."""
     set_threads(cfg.train.threads)
-    torch.manual_seed(cfg.seed if seed is None else seed)
-    return train(model, make_loader(data_yaml, "train", cfg, True, seed), spec, extra_loss, progress)
+    seed = cfg.seed if seed is None else seed
+    torch.manual_seed(seed)
+    loader = make_loader(data_yaml, "train", cfg, True, seed, extra_samples=extra_samples)
+    return train(model, loader, spec, extra_loss, progress, aux)
 
 
 def score(model, data_yaml: Path | str | list, cfg: Config, split: str = "val",

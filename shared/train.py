@@ -29,6 +29,7 @@ class TrainSpec:
     freeze_bn: bool = False
     proximal_mu: float = 0.0
     grad_clip: float = 10.0
+    det_weight: float = 1.0  # 0 trains on the extra (distillation) loss alone
 
     @classmethod
     def central(cls, t: TrainConfig, **kw) -> "TrainSpec":
@@ -56,7 +57,7 @@ class TrainResult:
 def make_optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
     """Weight decay on conv/linear weights only, as Ultralytics does (not on BatchNorm or biases)."""
     decay, no_decay = [], []
-    for module in model.modules():
+    for module in model.modules():  # `model` may be a ModuleList of the student and its distillation adapters
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
@@ -94,15 +95,20 @@ def to_float(batch: dict) -> dict:
 
 
 def train(model, loader, spec: TrainSpec, extra_loss: ExtraLoss | None = None,
-          progress: Progress | None = None) -> TrainResult:
-    """Train `model` in place on `loader` (batches from shared.data.dataset.collate)."""
+          progress: Progress | None = None, aux: torch.nn.Module | None = None) -> TrainResult:
+    """Train `model` in place on `loader` (batches from shared.data.dataset.collate).
+
+    `aux` holds extra trainable modules of the loss (distillation adapters); they are optimized alongside.
+    """
     total = len(loader) * spec.epochs
     total = min(total, spec.max_steps) if spec.max_steps > 0 else total
-    opt = make_optimizer(model, spec)
+    opt = make_optimizer(torch.nn.ModuleList([model, aux]) if aux is not None else model, spec)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, spec))
     anchor = [p.detach().clone() for p in model.parameters()] if spec.proximal_mu > 0 else None
     result, start = TrainResult(), time.perf_counter()
     set_train_mode(model, spec.freeze_bn)
+    if aux is not None:
+        aux.train()
     for epoch in range(spec.epochs):
         if hasattr(loader.dataset, "epoch"):
             loader.dataset.epoch = epoch  # new augmentation draw each epoch, reproducible
@@ -111,7 +117,7 @@ def train(model, loader, spec: TrainSpec, extra_loss: ExtraLoss | None = None,
                 break
             batch = to_float(batch)
             preds = model(batch["img"])
-            loss = model.loss(batch, preds)[0].sum() / batch["img"].shape[0]
+            loss = spec.det_weight * model.loss(batch, preds)[0].sum() / batch["img"].shape[0]
             if extra_loss is not None:
                 loss = loss + extra_loss(batch, preds)
             if anchor is not None:  # FedProx: stay near the global model

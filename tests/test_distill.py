@@ -1,0 +1,103 @@
+"""Distillation terms vanish for identical outputs, grow otherwise, train only the student; pseudo-labels."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from shared import models, task
+from shared.distill import DistillError, DistillWeights, Distiller, pseudo_label
+from shared.evaluate import NmsSettings, TorchPredictor
+from shared.train import TrainSpec, to_float
+
+TERMS = ("response", "box", "feature", "attention")
+
+
+def batch_of(cfg, world, split="train", n=8):
+    loader = task.make_loader(task.base_yaml(cfg.replace(**{"data.root": str(world)})), split, cfg, False, batch=n)
+    return to_float(next(iter(loader)))
+
+
+def student_preds(model, img):
+    model.train()
+    return model(img)
+
+
+def test_terms_are_zero_for_identical_outputs_and_positive_otherwise(tiny_cfg, tiny_world, tiny_student):
+    img = batch_of(tiny_cfg, tiny_world)["img"]
+    teacher = copy.deepcopy(tiny_student)
+    d = Distiller(teacher, tiny_student, DistillWeights(), tiny_cfg.data.imgsz)
+    # Train-mode BatchNorm keeps an untrained net's activations O(1) (eval mode shrinks them towards 0).
+    same = {k: v.detach() if torch.is_tensor(v) else [f.detach() for f in v] for k, v in student_preds(teacher, img).items()}
+    for name, value in d.losses(same, same).items():
+        assert abs(float(value)) < 1e-6, name
+    torch.manual_seed(1)
+    other = models.build_student(tiny_cfg.model, tiny_cfg.data.names)  # different random weights
+    for name, value in d.losses(student_preds(other, img), same).items():
+        assert float(value) > 1e-6, name
+
+
+def test_wider_teacher_gets_adapters_and_gradients_reach_only_the_student(tiny_cfg, tiny_world, tiny_student):
+    teacher = models.build_teacher(tiny_cfg.model, tiny_cfg.data.names)
+    d = Distiller(teacher, tiny_student, DistillWeights(attention=1.0), tiny_cfg.data.imgsz)
+    assert all(isinstance(a, torch.nn.Conv2d) for a in d.adapters)
+    img = batch_of(tiny_cfg, tiny_world)["img"]
+    total, parts = d(img, student_preds(tiny_student, img))
+    total.backward()
+    assert set(parts) == set(TERMS) and float(total) > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_student.parameters())
+    assert all(a.weight.grad is not None for a in d.adapters)
+
+
+def test_incompatible_pair_is_a_clear_error(tiny_cfg, tiny_student):
+    two_class = models.build_teacher(tiny_cfg.model, ["person", "car"])
+    with pytest.raises(DistillError, match="teacher has 2 classes, student 3"):
+        Distiller(two_class, tiny_student, DistillWeights(), tiny_cfg.data.imgsz)
+
+
+def test_pseudo_labels_respect_the_threshold(tiny_cfg, tiny_world):
+    cfg = tiny_cfg.replace(**{"data.root": str(tiny_world)})
+    torch.manual_seed(0)
+    teacher = models.build_student(cfg.model, cfg.data.names)
+    loader = task.make_loader(task.camera_yaml(cfg, 0), "val", cfg, False)
+    dets = [d for b in loader for d in TorchPredictor(teacher, NmsSettings(conf=0.0, iou=0.6))(b["img"].numpy())]
+    scores = np.concatenate([d[:, 4] for d in dets])
+
+    def count(conf):
+        samples = pseudo_label(teacher, loader, conf)
+        assert len(samples) == cfg.data.camera_val
+        for s in samples:
+            assert ((s.labels[:, 1:] >= 0) & (s.labels[:, 1:] <= 1)).all() and (s.labels[:, 3:] > 0).all()
+        return sum(len(s.labels) for s in samples)
+
+    mid = float(np.median(scores))
+    assert count(float(scores.max()) + 1e-6) == 0
+    assert 0 < count(mid) <= int((scores >= mid).sum())
+    assert count(float(scores.min())) >= count(mid)
+
+
+def test_short_distillation_lowers_the_distillation_loss(tiny_cfg, tiny_world, tiny_student):
+    cfg = tiny_cfg.replace(**{"data.root": str(tiny_world), "train.augment": False})
+    torch.manual_seed(0)
+    teacher = models.build_teacher(cfg.model, cfg.data.names)
+    img = batch_of(cfg, tiny_world)["img"]
+    for m in teacher.modules():  # calibrate BatchNorm so the untrained teacher's eval outputs are not ~0
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        teacher.train()(img)
+    d = Distiller(teacher, tiny_student, DistillWeights(), cfg.data.imgsz)
+
+    def distill_loss():
+        with torch.no_grad():
+            return float(d(img, tiny_student.train()(img))[0])
+
+    before = distill_loss()
+    spec = TrainSpec(epochs=5, lr=1e-3, optimizer="AdamW", det_weight=0.0)
+    task.fit(tiny_student, task.base_yaml(cfg), cfg, spec, extra_loss=d.extra_loss(), aux=d.adapters)
+    assert distill_loss() < 0.9 * before
