@@ -22,7 +22,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg = load_config(context.run_config)
     config = msg.content["config"]
     model = ctask.global_model(msg.content["arrays"], config)
-    metrics = ctask.local_finetune(model, ctask.node_data(context.node_config, cfg), cfg, config)
+    metrics = ctask.local_finetune(model, ctask.node_data(context.node_config, cfg), cfg, config,
+                                   teacher=ctask.teacher_path(context.node_config, cfg))
     metrics["seconds"] = time.time() - started
     return Message(RecordDict({"arrays": to_record(model), "metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -44,16 +45,46 @@ def update_norm(before: dict[str, torch.Tensor], model: torch.nn.Module) -> floa
     return sq ** 0.5
 
 
-def local_finetune(model, data_yaml: Path, cfg: Config, config: Mapping[str, Any]) -> dict[str, float]:
-    """Fine-tune in place on this camera's train split; metrics for the server (Flower's num-examples first)."""
+def teacher_path(node_config: Mapping[str, Any], cfg: Config) -> str:
+    """A device names its own teacher (`teacher-path`); simulated cameras share model.teacher-checkpoint."""
+    if "teacher-path" in node_config:
+        return str(node_config["teacher-path"])
+    return cfg.model.teacher_checkpoint if cfg.distill.on_clients else ""
+
+
+@functools.lru_cache(maxsize=2)
+def load_teacher(path: str):
+    return models.load(path)  # stays on this device: it is never put in a reply
+
+
+@functools.lru_cache(maxsize=8)
+def pseudo_labelled_pool(path: str, data_yaml: Path, cfg: Config) -> tuple:
+    """The teacher's labels for this camera's unlabelled pool; computed once per process (the teacher is fixed)."""
+    from shared.data.dataset import read_data_yaml
+    from shared.distill import pseudo_label
+
+    if "pool" not in read_data_yaml(data_yaml).splits:
+        return ()
+    loader = task.make_loader(data_yaml, "pool", cfg, False)
+    return tuple(s for s in pseudo_label(load_teacher(path), loader, cfg.distill.pseudo_conf) if len(s.labels))
+
+
+def local_finetune(model, data_yaml: Path, cfg: Config, config: Mapping[str, Any],
+                   teacher: str = "") -> dict[str, float]:
+    """Fine-tune in place on this camera's train split (plus, with a teacher, its pseudo-labelled pool and the
+    distillation terms); metrics for the server (Flower's num-examples first)."""
     spec = TrainSpec.local(cfg.train, cfg.fed, lr=float(config.get("lr", cfg.fed.local_lr)),
                            epochs=int(config.get("local-epochs", cfg.fed.local_epochs)),
                            max_steps=int(config.get("local-steps", cfg.fed.local_steps)),
                            proximal_mu=float(config.get("proximal-mu", 0.0)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seed = int(config.get("seed", cfg.seed))
-    result = task.fit(model, data_yaml, cfg, spec, seed=seed)
-    return {"num-examples": result.examples, "loss": sum(result.losses) / max(1, len(result.losses)),
+    if teacher:
+        pool = list(pseudo_labelled_pool(teacher, data_yaml, cfg))
+        result = task.distill_fit(model, load_teacher(teacher), data_yaml, cfg, spec, seed, extra_samples=pool)
+    else:
+        pool, result = [], task.fit(model, data_yaml, cfg, spec, seed=seed)
+    return {"num-examples": result.examples, "pseudo-labelled": len(pool), "loss": sum(result.losses) / max(1, len(result.losses)),
             "last-loss": result.losses[-1] if result.losses else 0.0, "steps": result.steps,
             "train-seconds": result.seconds, "update-norm": update_norm(before, model)}
 

@@ -17,6 +17,8 @@ from shared.config import Config, load_config
 app = typer.Typer(help="fedcam: federated learning of object detectors for smart cameras.", no_args_is_help=True)
 data_app = typer.Typer(help="Camera-world data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+teacher_app = typer.Typer(help="The teacher model.", no_args_is_help=True)
+app.add_typer(teacher_app, name="teacher")
 console = Console()
 
 SetOpt = typer.Option(None, "--set", help="Config override KEY=VALUE (keys as in [tool.flwr.app.config]).")
@@ -95,6 +97,50 @@ def train_cmd(data: Path = typer.Option(..., help="data.yaml to train on."),
     models.save(net, out, data=str(data), steps=result.steps, seconds=result.seconds)
     console.print(f"{result.steps} steps in {result.seconds:.1f}s, loss {result.losses[0]:.3f} -> "
                   f"{result.losses[-1]:.3f}; saved {out}")
+    print_eval(f"{out.name} on {data} (val)", task.score(net, data, cfg))
+
+
+@teacher_app.command("train")
+def teacher_train(data: Path = typer.Option(..., help="data.yaml of the server's labelled base domain."),
+                  out: Path = typer.Option(...), epochs: Optional[int] = typer.Option(None),
+                  sets: Optional[list[str]] = SetOpt):
+    """Train the teacher (model.teacher-scale of model.family) on labelled data."""
+    train_cmd(data=data, out=out, model="teacher", init=None, epochs=epochs, sets=sets)
+
+
+def student_from(spec: str, cfg: Config, names: list[str]):
+    """--student: a checkpoint (.pt), an Ultralytics model yaml, or a scale of model.family such as 'n'."""
+    from shared import models
+
+    path = Path(spec)
+    if path.suffix == ".pt":
+        return models.load(path)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return models.build(yaml.safe_load(path.read_text()), names)
+    width = cfg.model.student_width if spec == cfg.model.student_scale else None
+    return models.build(models.model_yaml(cfg.model.family, spec, width), names)
+
+
+@app.command("distill")
+def distill_cmd(teacher: Path = typer.Option(..., help="Teacher checkpoint (fedcam or Ultralytics .pt)."),
+                data: Path = typer.Option(..., help="data.yaml with labelled train and val splits."),
+                out: Path = typer.Option(..., help="Distilled student checkpoint to write."),
+                student: str = typer.Option("n", help="Student: .pt checkpoint, model .yaml, or a family scale."),
+                epochs: Optional[int] = typer.Option(None), sets: Optional[list[str]] = SetOpt):
+    """Train the student with its detection loss plus the configured distillation terms (distill.*)."""
+    from shared import models, task
+    from shared.train import TrainSpec
+
+    cfg = config_from(sets, **{"train.epochs": epochs})
+    names = task.names_of(data)
+    net, tnet = student_from(student, cfg, names), models.load(teacher)
+    with progress_bar() as bar:
+        result = task.distill_fit(net, tnet, data, cfg, TrainSpec.central(cfg.train),
+                                  progress=train_progress(bar, "distilling"))
+    models.save(net, out, data=str(data), teacher=str(teacher), steps=result.steps, distill=str(cfg.distill))
+    console.print(f"{result.steps} steps in {result.seconds:.1f}s; saved {out}")
     print_eval(f"{out.name} on {data} (val)", task.score(net, data, cfg))
 
 

@@ -57,6 +57,17 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    response: float
+    box: float
+    feature: float
+    attention: float
+    temperature: float
+    pseudo_conf: float
+    on_clients: bool
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     conf: float
     iou: float
@@ -94,6 +105,7 @@ class Config:
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
+    distill: DistillConfig
     eval: EvalConfig
     fed: FedConfig
 
@@ -141,7 +153,8 @@ def _build(cls: type, flat: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig, "fed": FedConfig}
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "distill": DistillConfig,
+             "eval": EvalConfig, "fed": FedConfig}
 
 
 def load_config(overrides: Mapping[str, Any] | None = None) -> Config:

@@ -41,6 +41,12 @@ def attention_map(feat: torch.Tensor) -> torch.Tensor:
     return F.normalize(feat.pow(2).mean(1).flatten(1), dim=1)
 
 
+def weights_from(d) -> DistillWeights:
+    """DistillWeights from the config's distill section."""
+    return DistillWeights(response=d.response, box=d.box, feature=d.feature, attention=d.attention,
+                          temperature=d.temperature)
+
+
 class Distiller(nn.Module):
     """Holds a frozen teacher and the student-side adapters; returns the weighted distillation loss."""
 

@@ -101,3 +101,13 @@ def score_cameras(model, cfg: Config, cameras: list[int] | None = None) -> dict[
     per = [score(model, y, cfg) for y in yamls]
     return {"map50": pooled.map50, "map": pooled.map, "cam-map50": sum(r.map50 for r in per) / len(per),
             "cam-map": sum(r.map for r in per) / len(per)}
+
+
+def distill_fit(student, teacher, data_yaml, cfg: Config, spec: TrainSpec, seed: int | None = None,
+                extra_samples: list | None = None, progress: Progress | None = None) -> TrainResult:
+    """fit() with the configured distillation terms from `teacher` added to the detection loss."""
+    from shared.distill import Distiller, weights_from
+
+    distiller = Distiller(teacher, student, weights_from(cfg.distill), cfg.data.imgsz)
+    return fit(student, data_yaml, cfg, spec, seed, distiller.extra_loss(), progress, aux=distiller.adapters,
+               extra_samples=extra_samples)

@@ -101,3 +101,17 @@ def test_short_distillation_lowers_the_distillation_loss(tiny_cfg, tiny_world, t
     spec = TrainSpec(epochs=5, lr=1e-3, optimizer="AdamW", det_weight=0.0)
     task.fit(tiny_student, task.base_yaml(cfg), cfg, spec, extra_loss=d.extra_loss(), aux=d.adapters)
     assert distill_loss() < 0.9 * before
+
+
+def test_client_with_a_teacher_trains_on_pseudo_labelled_pool(tiny_cfg, tiny_world, tiny_student, tmp_path):
+    from client import task as ctask
+
+    cfg = tiny_cfg.replace(**{"data.root": str(tiny_world), "distill.pseudo-conf": 0.0001})
+    teacher_file = models.save(models.build_teacher(cfg.model, cfg.data.names), tmp_path / "teacher.pt")
+    keys = set(tiny_student.state_dict())
+    cam = task.camera_yaml(cfg, 0)
+    with_teacher = ctask.local_finetune(tiny_student, cam, cfg, {"local-steps": 2}, teacher=str(teacher_file))
+    assert with_teacher["pseudo-labelled"] > 0 and with_teacher["steps"] == 2
+    assert set(tiny_student.state_dict()) == keys  # adapters and teacher stay outside the student's weights
+    alone = ctask.local_finetune(tiny_student, cam, cfg, {"local-steps": 2})
+    assert alone["pseudo-labelled"] == 0
