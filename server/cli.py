@@ -34,8 +34,9 @@ def parse_sets(sets: list[str] | None) -> dict[str, str]:
     return out
 
 
-def config_from(sets: list[str] | None, **flat) -> Config:
-    return load_config({**{k: v for k, v in flat.items() if v is not None}, **parse_sets(sets)})
+def config_from(sets: list[str] | None, base: dict | None = None, **flat) -> Config:
+    """Defaults < base (e.g. a scenario file) < explicit options that were given < --set."""
+    return load_config({**(base or {}), **{k: v for k, v in flat.items() if v is not None}, **parse_sets(sets)})
 
 
 def progress_bar() -> Progress:
@@ -198,9 +199,10 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
         flat = json.loads((resume / "run_config.json").read_text())
         cfg = load_config({**flat, "resume": True, **parse_sets(sets)})
     else:
-        cfg = config_from(sets, **scenario_overrides(scenario), **{"data.cameras": cameras, "fed.rounds": rounds,
+        cfg = config_from(sets, scenario_overrides(scenario), **{"data.cameras": cameras, "fed.rounds": rounds,
                           "fed.strategy": strategy, "run-dir": str(run_dir) if run_dir else None})
-    cfg = simulation.prepare(cfg, console)
+    with progress_bar() as bar:
+        cfg = simulation.prepare(cfg, console, train_progress(bar, "base student"))
     events = Path(cfg.run_dir) / "events.jsonl"
     console.print(f"simulating {cfg.data.cameras} cameras, {cfg.fed.rounds} rounds of {cfg.fed.strategy} "
                   f"in [bold]{cfg.run_dir}[/] (log: {Path(cfg.run_dir) / 'simulation.log'})")
@@ -234,8 +236,9 @@ def baseline_cmd(kind: str = typer.Argument(..., help="local (each camera alone)
 
     if kind not in ("local", "central"):
         raise typer.BadParameter("kind is 'local' or 'central'")
-    cfg = config_from(sets, **scenario_overrides(scenario), **{"data.cameras": cameras, "fed.rounds": rounds,
+    cfg = config_from(sets, scenario_overrides(scenario), **{"data.cameras": cameras, "fed.rounds": rounds,
                       "run-dir": str(run_dir) if run_dir else None})
-    cfg = simulation.prepare(cfg, console)
+    with progress_bar() as bar:
+        cfg = simulation.prepare(cfg, console, train_progress(bar, "base student"))
     (baselines.local_only if kind == "local" else baselines.centralized)(cfg, Path(cfg.model.student_checkpoint))
     console.print(rounds_table(read_events(Path(cfg.run_dir) / "events.jsonl")))

@@ -38,6 +38,9 @@ class FederatedRun:
             self.done = progress.round
             self.arrays, self.state = self.checkpoints.load(progress.round)
         self.names = [self.model.names[i] for i in sorted(self.model.names)]
+        from server.snapshot import SnapshotHook  # after the event log: a snapshot of round N follows its round_end
+
+        self.bus.add(SnapshotHook(cfg, self.model, self.bus))
 
     def _initial_model(self):
         ckpt = self.cfg.model.student_checkpoint
@@ -68,11 +71,12 @@ class FederatedRun:
             metrics = task.score_cameras(self.model, self.cfg)
             if server_round == 0 and self.done:  # resumed: round `done` was already evaluated and saved
                 return MetricRecord(metrics)
+            saved = ""
             if server_round > 0:
-                self.checkpoints.save(rnd, arrays, strategy.state_arrays(),
-                                      Progress(rnd, self.cfg.fed.rounds, self.cfg.fed.strategy))
-            self.bus.emit("round_end", rnd, arrays=arrays, central=metrics,
-                          eval_seconds=time.time() - started, checkpoint=str(self.checkpoints.dir))
+                saved = str(self.checkpoints.save(rnd, arrays, strategy.state_arrays(),
+                                                  Progress(rnd, self.cfg.fed.rounds, self.cfg.fed.strategy)))
+            self.bus.emit("round_end", rnd, arrays=arrays, central=metrics, eval_seconds=time.time() - started,
+                          checkpoint=saved)
             return MetricRecord(metrics)
 
         return evaluate_fn

@@ -122,7 +122,7 @@ if __name__ == "__main__":
     _worker(Path(sys.argv[1]), int(sys.argv[2]))
 
 
-def prepare(cfg: Config, console=None) -> Config:
+def prepare(cfg: Config, console=None, progress=None) -> Config:
     """Make what a simulation needs and is missing: the camera world and a base-trained starting student."""
     from shared import task
 
@@ -138,16 +138,16 @@ def prepare(cfg: Config, console=None) -> Config:
     path = Path(d.root) / "models" / f"student_base_{key}.pt"
     if not path.exists():
         say(f"training the starting student on the base domain ({cfg.train.epochs} epochs) -> {path}")
-        pretrain_student(cfg, path)
+        pretrain_student(cfg, path, progress)
     return cfg.replace(**{"model.student-checkpoint": str(path)})
 
 
-def pretrain_student(cfg: Config, path: Path) -> Path:
+def pretrain_student(cfg: Config, path: Path, progress=None) -> Path:
     """The server's own starting point: the student trained centrally on its labelled base domain."""
     from shared import models, task
     from shared.train import TrainSpec
 
     base = task.base_yaml(cfg)
     student = models.build_student(cfg.model, task.names_of(base))
-    task.fit(student, base, cfg, TrainSpec.central(cfg.train))
+    task.fit(student, base, cfg, TrainSpec.central(cfg.train), progress=progress)
     return models.save(student, path, data=str(base), epochs=cfg.train.epochs)

@@ -68,6 +68,20 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class SnapshotConfig:
+    every: int
+    prune_ratio: float
+    round_to: int
+    recover_epochs: int
+    target: str
+    method: str
+    calib_frames: int
+    tolerance: float
+    dir: str
+    key_path: str
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     conf: float
     iou: float
@@ -106,6 +120,7 @@ class Config:
     model: ModelConfig
     train: TrainConfig
     distill: DistillConfig
+    snapshot: SnapshotConfig
     eval: EvalConfig
     fed: FedConfig
 
@@ -154,7 +169,7 @@ def _build(cls: type, flat: Mapping[str, Any], prefix: str) -> Any:
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "distill": DistillConfig,
-             "eval": EvalConfig, "fed": FedConfig}
+             "snapshot": SnapshotConfig, "eval": EvalConfig, "fed": FedConfig}
 
 
 def load_config(overrides: Mapping[str, Any] | None = None) -> Config:

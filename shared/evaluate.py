@@ -107,3 +107,23 @@ def evaluate(predictor: Predictor, batches: Iterable[dict], names: list[str],
         per_class[names[int(c)]] = (float(ap[0]), float(ap.mean()))
     return EvalResult(map50=float(metrics.box.map50), map=float(metrics.box.map), per_class=per_class,
                       images=n_img, targets=n_tgt)
+
+
+class OnnxPredictor:
+    """An ONNX detector (one output, B x (4 + nc) x anchors) run by onnxruntime, then Ultralytics' NMS."""
+
+    def __init__(self, path, settings: NmsSettings = NmsSettings(), threads: int = 1):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.settings = settings
+
+    def raw(self, images: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(images, dtype=np.float32) / 255.0
+        return np.concatenate([self.session.run(None, {self.input: x[i:i + 1]})[0] for i in range(len(x))])
+
+    def __call__(self, images: np.ndarray) -> list[np.ndarray]:
+        return nms(torch.from_numpy(self.raw(images)), self.settings)

@@ -13,7 +13,7 @@ TINY = {
     "data.imgsz": 64, "data.cameras": 2, "data.base-train": 24, "data.base-val": 12,
     "data.camera-train": 16, "data.camera-val": 8, "data.camera-pool": 8,
     "model.student-width": 0.0625, "model.teacher-scale": "n", "model.family": "yolov8",
-    "train.batch": 8, "train.epochs": 1, "train.threads": 2, "train.warmup-steps": 0, "eval.batch": 8,
+    "snapshot.round-to": 1, "train.batch": 8, "train.epochs": 1, "train.threads": 2, "train.warmup-steps": 0, "eval.batch": 8,
 }
 
 

@@ -1,0 +1,123 @@
+"""ONNX export with Ultralytics-readable metadata, static int8 QDQ quantization, and an int8 check of the graph."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quant_pre_process, quantize_dynamic, quantize_static)
+
+OPSET = 17  # TorchScript exporter: the dynamo exporter at 17 produces graphs onnxruntime rejects
+INT8_CONV_OPS = {"QLinearConv", "ConvInteger", "NhwcQLinearConv"}
+TARGETS = {  # activations, weights: U8S8 fuses into real int8 kernels on x86; ARM's kernels want S8S8
+    "x86": (QuantType.QUInt8, QuantType.QInt8),
+    "arm64": (QuantType.QInt8, QuantType.QInt8),
+}
+
+
+def export_onnx(model: torch.nn.Module, path: Path, imgsz: int, metadata: dict[str, str]) -> Path:
+    """Fused, single-output (B, 4 + nc, anchors) ONNX, simplified, with metadata Ultralytics' YOLO() reads."""
+    import onnxslim
+
+    net = copy.deepcopy(model).float().eval()
+    net.fuse(verbose=False)
+    head = net.model[-1]
+    head.export, head.format, head.dynamic = True, "onnx", False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(net, torch.zeros(1, 3, imgsz, imgsz), str(path), opset_version=OPSET, dynamo=False,
+                          input_names=["images"], output_names=["output0"], do_constant_folding=True)
+    proto = onnxslim.slim(onnx.load(str(path)))
+    names = dict(sorted(net.names.items()))
+    meta = {"task": "detect", "stride": str(int(head.stride.max())), "batch": "1", "channels": "3",
+            "imgsz": str([imgsz, imgsz]), "names": str(names), "author": "fedcam", **metadata}
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=str(value))
+    onnx.save(proto, str(path))
+    return path
+
+
+def decode_nodes(onnx_path: Path) -> list[str]:
+    """Nodes of the detection decode and the head's last convs: these stay in float for accurate boxes."""
+    graph = onnx.load(str(onnx_path)).graph
+    convs = [n.name for n in graph.node if n.op_type == "Conv"]
+    head = max(int(m.group(1)) for n in convs if (m := re.match(r"/model\.(\d+)/", n)))
+    keep_float = re.compile(rf"/model\.{head}/(dfl/|cv[23]\.\d+/cv[23]\.\d+\.2/)")
+    after_head = [n.name for n in graph.node if n.name.startswith(f"/model.{head}/") and n.op_type != "Conv"]
+    return [n for n in convs if keep_float.search(n)] + after_head
+
+
+class FrameReader(CalibrationDataReader):
+    """Feeds calibration frames (letterboxed RGB uint8, N x 3 x S x S) one at a time."""
+
+    def __init__(self, frames: np.ndarray, input_name: str = "images"):
+        self.frames, self.name = frames, input_name
+        self.iter: Iterator | None = None
+
+    def get_next(self):
+        if self.iter is None:
+            self.iter = iter(self.frames)
+        frame = next(self.iter, None)
+        return None if frame is None else {self.name: frame[None].astype(np.float32) / 255.0}
+
+    def rewind(self):
+        self.iter = None
+
+
+def quantize(fp32: Path, out: Path, frames: np.ndarray, target: str = "x86", method: str = "static") -> Path:
+    """int8 QDQ (static, calibrated on `frames`) or dynamic quantization of the convolutions."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target '{target}' ({', '.join(TARGETS)})")
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    excluded = decode_nodes(pre)
+    try:
+        if method == "dynamic":  # for comparison only: slow for conv nets (activations quantized at run time)
+            quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
+                             nodes_to_exclude=excluded)
+        else:
+            act, weight = TARGETS[target]
+            quantize_static(str(pre), str(out), FrameReader(frames), quant_format=QuantFormat.QDQ,
+                            activation_type=act, weight_type=weight, per_channel=True, op_types_to_quantize=["Conv"],
+                            nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
+                            extra_options={"ActivationSymmetric": target == "arm64"})
+    finally:
+        pre.unlink(missing_ok=True)
+    src = onnx.load(str(fp32))  # carry the metadata over: quantization drops it
+    q = onnx.load(str(out))
+    del q.metadata_props[:]
+    q.metadata_props.extend(src.metadata_props)
+    onnx.save(q, str(out))
+    return out
+
+
+@dataclass
+class GraphReport:
+    int8_convs: int
+    float_convs: int
+    ops: dict[str, int]
+
+
+def inspect_optimized(path: Path, workdir: Path) -> GraphReport:
+    """What onnxruntime really runs: optimize the graph as a session would and count int8 vs float convs."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(workdir / (path.stem + ".optimized.onnx"))
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    graph = onnx.load(opts.optimized_model_filepath).graph
+    ops: dict[str, int] = {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    Path(opts.optimized_model_filepath).unlink(missing_ok=True)
+    int8 = sum(v for k, v in ops.items() if k in INT8_CONV_OPS)
+    fp = sum(v for k, v in ops.items() if k in ("Conv", "FusedConv", "NhwcFusedConv"))
+    return GraphReport(int8, fp, ops)

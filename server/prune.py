@@ -1,0 +1,74 @@
+"""Structured (channel) pruning of the student with Torch-Pruning's dependency graph; the head is kept."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from shared.env import prepare_ultralytics
+
+prepare_ultralytics()
+from ultralytics.nn.modules import C2f, Conv, Detect  # noqa: E402
+
+
+def _conv_slice(src: Conv, rows: slice) -> Conv:
+    """A Conv (conv + BN + act) holding output channels `rows` of `src`, numerically identical."""
+    out = copy.deepcopy(src)
+    out.conv = nn.Conv2d(src.conv.in_channels, rows.stop - rows.start, src.conv.kernel_size, src.conv.stride,
+                         src.conv.padding, bias=False)
+    out.conv.weight.data = src.conv.weight.data[rows].clone()
+    bn = nn.BatchNorm2d(rows.stop - rows.start, eps=src.bn.eps, momentum=src.bn.momentum)
+    for name in ("weight", "bias"):
+        getattr(bn, name).data = getattr(src.bn, name).data[rows].clone()
+    for name in ("running_mean", "running_var"):
+        getattr(bn, name).data = getattr(src.bn, name)[rows].clone()
+    bn.num_batches_tracked.data = src.bn.num_batches_tracked.clone()
+    out.bn = bn
+    return out
+
+
+class C2fSplit(nn.Module):
+    """C2f whose chunked 1x1 conv is two convs: chunk() hides the two halves from the dependency graph."""
+
+    def __init__(self, c2f: C2f):
+        super().__init__()
+        c = c2f.c
+        self.cv0, self.cv1 = _conv_slice(c2f.cv1, slice(0, c)), _conv_slice(c2f.cv1, slice(c, 2 * c))
+        self.cv2, self.m = c2f.cv2, c2f.m
+        for attr in ("f", "i", "type", "np"):  # Ultralytics' graph bookkeeping (_predict_once reads f and i)
+            if hasattr(c2f, attr):
+                setattr(self, attr, getattr(c2f, attr))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv0(x), self.cv1(x)]
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+def split_c2f(model: nn.Module) -> nn.Module:
+    """Replace every C2f in place by its C2fSplit equivalent (same outputs)."""
+    for name, child in model.named_children():
+        if isinstance(child, C2f):
+            setattr(model, name, C2fSplit(child))
+        else:
+            split_c2f(child)
+    return model
+
+
+def prune(model: nn.Module, ratio: float, imgsz: int, round_to: int = 8) -> nn.Module:
+    """A pruned copy: `ratio` of the prunable channels removed by group L2 magnitude, Detect head untouched."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
+    pruned = split_c2f(copy.deepcopy(model)).eval()
+    for p in pruned.parameters():
+        p.requires_grad_(True)  # the dependency graph is traced through autograd
+    head = [m for m in pruned.modules() if isinstance(m, Detect)]
+    pruner = tp.pruner.MetaPruner(
+        pruned, torch.zeros(1, 3, imgsz, imgsz), importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=ratio, ignored_layers=head, round_to=round_to if round_to > 1 else None,
+        output_transform=lambda out: out[0] if isinstance(out, (tuple, list)) else out)
+    pruner.step()
+    return pruned

@@ -1,0 +1,123 @@
+"""Global student -> deployable snapshot: prune, recover, export, quantize, gate, sign and publish."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from server.export import export_onnx, inspect_optimized, quantize
+from server.prune import prune
+from server.registry import Registry, now_iso
+from shared import task
+from shared.config import Config
+from shared.env import STATE_DIR
+from shared.evaluate import OnnxPredictor, TorchPredictor, evaluate
+from shared.snapshot_format import Manifest, sha256_file
+from shared.train import TrainSpec
+
+log = logging.getLogger("fedcam.server")
+
+
+@dataclass
+class SnapshotResult:
+    manifest: Manifest
+    published: bool
+    reason: str
+    int8_convs: int
+    float_convs: int
+    params_dense: int
+    params_pruned: int
+
+
+def registry_for(cfg: Config) -> Registry:
+    s = cfg.snapshot
+    return Registry(s.dir or Path(cfg.run_dir) / "snapshots", s.key_path or STATE_DIR / "server_ed25519.pem")
+
+
+def calibration_frames(cfg: Config) -> np.ndarray:
+    """Real frames of the server's own data, letterboxed exactly as inference will see them."""
+    loader = task.make_loader(task.base_yaml(cfg), "train", cfg, False, batch=cfg.snapshot.calib_frames)
+    return next(iter(loader))["img"].numpy()
+
+
+def latency_ms(path: Path, imgsz: int, runs: int = 30) -> float:
+    predictor = OnnxPredictor(path, threads=1)
+    x = np.zeros((1, 3, imgsz, imgsz), np.uint8)
+    predictor.raw(x)  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        predictor.raw(x)
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))
+
+
+def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry) -> SnapshotResult:
+    from shared.models import count_params
+
+    s, imgsz, names = cfg.snapshot, cfg.data.imgsz, [dense.names[i] for i in sorted(dense.names)]
+    held_out = [task.camera_yaml(cfg, k) for k in range(cfg.data.cameras)]
+    settings = task.nms_settings(cfg)
+    # 1. prune a copy (federated training goes on with the dense model), then recover with the dense as teacher
+    pruned = prune(dense, s.prune_ratio, imgsz, s.round_to)
+    if s.recover_epochs > 0:
+        spec = TrainSpec.central(cfg.train, epochs=s.recover_epochs, lr=cfg.train.lr / 4, warmup_steps=0)
+        task.distill_fit(pruned, copy.deepcopy(dense), task.base_yaml(cfg), cfg, spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        version = registry.next_version()
+        # 2. export, 3. quantize and check what onnxruntime really runs
+        fp32 = export_onnx(pruned, work / "fp32.onnx", imgsz, {"snapshot_version": version, "round": str(rnd)})
+        int8 = quantize(fp32, work / "model.onnx", calibration_frames(cfg), s.target, s.method)
+        graph = inspect_optimized(int8, work)
+        # 4. gate: int8 snapshot against the dense fp32 student on held-out camera data
+        loader = lambda: task.make_loader(held_out, "val", cfg, False)  # noqa: E731
+        ref = evaluate(TorchPredictor(dense, settings), loader(), names)
+        got = evaluate(OnnxPredictor(int8, settings, threads=cfg.train.threads), loader(), names)
+        manifest = Manifest(version=version, round=rnd, target=s.target, sha256=sha256_file(int8),
+                            size=int8.stat().st_size, imgsz=imgsz, names=names, map50_fp32=ref.map50,
+                            map50_int8=got.map50, map_fp32=ref.map, map_int8=got.map,
+                            latency_ms=latency_ms(int8, imgsz), created=now_iso(), parent_checkpoint=parent,
+                            extra={"prune_ratio": s.prune_ratio, "method": s.method,
+                                   "int8_convs": graph.int8_convs, "float_convs": graph.float_convs})
+        drop = ref.map50 - got.map50
+        if drop > s.tolerance:
+            reason = f"mAP50 {got.map50:.3f} int8 vs {ref.map50:.3f} fp32: drop {drop:.3f} > tolerance {s.tolerance}"
+            log.warning("snapshot %s rejected: %s", version, reason)
+            registry.reject(manifest, reason)
+            published = False
+        else:
+            registry.publish(manifest, int8)
+            reason, published = "", True
+    return SnapshotResult(manifest, published, reason, graph.int8_convs, graph.float_convs, count_params(dense),
+                          count_params(pruned))
+
+
+class SnapshotHook:
+    """Round-event hook of the ServerApp: a snapshot every `snapshot.every` rounds and after the last one."""
+
+    def __init__(self, cfg: Config, model, bus):
+        self.cfg, self.model, self.bus = cfg, model, bus
+        self.registry = registry_for(cfg)
+
+    def __call__(self, event, arrays=None) -> None:
+        if event.kind != "round_end" or arrays is None or event.round == 0:
+            return
+        every, last = self.cfg.snapshot.every, event.round == self.cfg.fed.rounds
+        if not (last or (every > 0 and event.round % every == 0)):
+            return
+        from shared.arrays import to_state_dict
+
+        dense = copy.deepcopy(self.model)
+        dense.load_state_dict(to_state_dict(arrays))
+        result = make_snapshot(dense, self.cfg, event.round, event.data.get("checkpoint", ""), self.registry)
+        m = result.manifest
+        self.bus.emit("snapshot", event.round, version=m.version, published=result.published, reason=result.reason,
+                      map50_fp32=m.map50_fp32, map50_int8=m.map50_int8, size=m.size, latency_ms=m.latency_ms,
+                      int8_convs=result.int8_convs, float_convs=result.float_convs)

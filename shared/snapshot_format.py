@@ -1,0 +1,106 @@
+"""Snapshot format shared by server and devices: manifest, canonical bytes, sha256, Ed25519 signatures.
+
+Imports neither torch nor flwr: the device runtime uses it to verify what it downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+MODEL_FILE, MANIFEST_FILE, SIGNATURE_FILE = "model.onnx", "manifest.json", "manifest.sig"
+
+
+class SnapshotError(ValueError):
+    """A snapshot that is incomplete, tampered with, or signed by another key."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: str
+    round: int
+    target: str
+    sha256: str
+    size: int
+    imgsz: int
+    names: list[str]
+    map50_fp32: float
+    map50_int8: float
+    map_fp32: float
+    map_int8: float
+    latency_ms: float
+    created: str
+    parent_checkpoint: str
+    extra: dict = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        """Canonical JSON: the exact bytes that are signed."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Manifest":
+        try:
+            return cls(**json.loads(data))
+        except (ValueError, TypeError) as err:
+            raise SnapshotError(f"unreadable manifest: {err}") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_or_create_key(path: Path) -> Ed25519PrivateKey:
+    """The server's signing key: created once (mode 0600), then always the same one."""
+    if path.exists():
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    key = Ed25519PrivateKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    tmp.chmod(0o600)
+    tmp.replace(path)
+    return key
+
+
+def public_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_public_key(pem: bytes) -> Ed25519PublicKey:
+    return serialization.load_pem_public_key(pem)
+
+
+def sign(manifest: Manifest, key: Ed25519PrivateKey) -> bytes:
+    return key.sign(manifest.to_bytes())
+
+
+def verify_manifest(manifest_bytes: bytes, signature: bytes, public_key: Ed25519PublicKey) -> Manifest:
+    try:
+        public_key.verify(signature, manifest_bytes)
+    except InvalidSignature:
+        raise SnapshotError("manifest signature does not verify against the pinned key") from None
+    return Manifest.from_bytes(manifest_bytes)
+
+
+def verify_dir(folder: Path, public_key: Ed25519PublicKey) -> Manifest:
+    """Check a snapshot folder end to end: signature over the manifest, then the model's size and sha256."""
+    for name in (MODEL_FILE, MANIFEST_FILE, SIGNATURE_FILE):
+        if not (folder / name).is_file():
+            raise SnapshotError(f"snapshot {folder} is missing {name}")
+    manifest = verify_manifest((folder / MANIFEST_FILE).read_bytes(), (folder / SIGNATURE_FILE).read_bytes(),
+                               public_key)
+    model = folder / MODEL_FILE
+    if model.stat().st_size != manifest.size or sha256_file(model) != manifest.sha256:
+        raise SnapshotError(f"{model}: size or sha256 does not match the signed manifest")
+    return manifest

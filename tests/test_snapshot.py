@@ -1,0 +1,112 @@
+"""Snapshots: pruning shrinks the student, int8 convs really run, the gate rejects damage, signatures hold."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from server.export import export_onnx, inspect_optimized, quantize
+from server.prune import prune
+from server.registry import Registry
+from server.snapshot import calibration_frames, make_snapshot
+from shared import models, task
+from shared.evaluate import OnnxPredictor, TorchPredictor, evaluate
+from shared.snapshot_format import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, SnapshotError, load_public_key, verify_dir
+from shared.train import TrainSpec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_cfg):
+    """A tiny student trained long enough to detect something (mAP50 > 0) on its own small world."""
+    root = tmp_path_factory.mktemp("snapworld")
+    cfg = tiny_cfg.replace(**{"data.root": str(root), "data.base-train": 64, "data.cameras": 1,
+                              "snapshot.calib-frames": 16, "snapshot.recover-epochs": 0})
+    task.ensure_world(cfg)
+    torch.manual_seed(0)
+    model = models.build_student(cfg.model, cfg.data.names)
+    task.fit(model, task.base_yaml(cfg), cfg, TrainSpec(epochs=20, lr=0.01, optimizer="AdamW", warmup_steps=5))
+    return cfg, model.eval()
+
+
+def test_pruned_onnx_is_smaller_runs_and_matches_torch(tiny_cfg, tiny_student, tmp_path):
+    x = torch.rand(2, 3, 64, 64)
+    pruned = prune(tiny_student, 0.5, 64)
+    assert models.count_params(pruned) < 0.7 * models.count_params(tiny_student)
+    assert torch.allclose(prune(tiny_student, 0.0, 64).eval()(x)[0], tiny_student.eval()(x)[0], atol=1e-4)
+    path = export_onnx(pruned, tmp_path / "p.onnx", 64, {})
+    raw = OnnxPredictor(path).raw((x.numpy() * 255).astype(np.uint8))
+    with torch.no_grad():
+        ref = pruned.eval()((torch.from_numpy((x.numpy() * 255).astype(np.uint8)).float() / 255))[0].numpy()
+    assert raw.shape == ref.shape == (2, 4 + 3, 84)
+    assert np.allclose(raw, ref, atol=1e-3)
+
+
+def test_int8_graph_runs_integer_convs_and_stays_close(trained, tmp_path):
+    cfg, model = trained
+    frames = calibration_frames(cfg)
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", 64, {})
+    int8 = quantize(fp32, tmp_path / "int8.onnx", frames, "x86")
+    report = inspect_optimized(int8, tmp_path)
+    assert report.int8_convs >= 40 and report.float_convs <= 8  # only the head's last convs and DFL stay float
+    a, b = OnnxPredictor(fp32).raw(frames), OnnxPredictor(int8).raw(frames)
+    scores_a, scores_b = a[:, 4:], b[:, 4:]
+    assert np.abs(scores_a - scores_b).mean() < 0.02
+    best = scores_a.max(1)
+    sure = best >= np.quantile(best, 0.99)  # the anchors most sure of an object: their boxes, in pixels
+    assert np.median(np.abs(a[:, :4].transpose(0, 2, 1)[sure] - b[:, :4].transpose(0, 2, 1)[sure])) < 2
+
+
+def test_ultralytics_loads_and_runs_the_snapshot(trained, tmp_path):
+    from ultralytics import YOLO
+
+    cfg, model = trained
+    path = export_onnx(model, tmp_path / "m.onnx", 64, {"snapshot_version": "v0001"})
+    yolo = YOLO(str(path), task="detect")
+    image = next((task.base_yaml(cfg).parent / "images" / "val").glob("*.jpg"))
+    (result,) = yolo.predict(str(image), imgsz=64, verbose=False, conf=0.01)
+    assert result.names == dict(enumerate(cfg.data.names)) and result.boxes is not None
+
+
+def test_gate_publishes_good_and_rejects_damaged(trained, tmp_path):
+    cfg, model = trained
+    registry = Registry(tmp_path / "snapshots", tmp_path / "key.pem")
+    good = make_snapshot(model, cfg.replace(**{"snapshot.prune-ratio": 0.0, "snapshot.tolerance": 0.03}), 1, "c1",
+                         registry)
+    assert good.manifest.map50_fp32 > 0.02, "the fixture model must detect something for the gate to mean anything"
+    assert good.published, good.reason
+    damaged = make_snapshot(model, cfg.replace(**{"snapshot.prune-ratio": 0.9, "snapshot.tolerance": 0.01}), 2,
+                            "c2", registry)
+    assert not damaged.published and "drop" in damaged.reason
+    rows = {r["version"]: r for r in registry.rows()}
+    assert rows[good.manifest.version]["status"] == "published" and rows[damaged.manifest.version]["status"] == "rejected"
+    assert registry.latest()["version"] == good.manifest.version  # the rejected one never became latest
+    assert not (registry.root / damaged.manifest.version).exists()
+
+
+def test_signature_verifies_and_any_flipped_byte_fails(trained, tmp_path):
+    cfg, model = trained
+    registry = Registry(tmp_path / "snapshots", tmp_path / "key.pem")
+    result = make_snapshot(model, cfg.replace(**{"snapshot.prune-ratio": 0.0, "snapshot.tolerance": 1.0}), 1, "", registry)
+    folder = registry.root / result.manifest.version
+    key = load_public_key((registry.root / "server_public_key.pem").read_bytes())
+    assert verify_dir(folder, key).sha256 == result.manifest.sha256
+    for name in (MODEL_FILE, MANIFEST_FILE, SIGNATURE_FILE):
+        broken = tmp_path / f"broken-{name}"
+        broken.mkdir()
+        for f in (MODEL_FILE, MANIFEST_FILE, SIGNATURE_FILE):
+            (broken / f).write_bytes((folder / f).read_bytes())
+        data = bytearray((broken / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (broken / name).write_bytes(bytes(data))
+        with pytest.raises(SnapshotError):
+            verify_dir(broken, key)
+    other = Registry(tmp_path / "other", tmp_path / "other-key.pem")  # a different server's key
+    with pytest.raises(SnapshotError, match="pinned key"):
+        verify_dir(folder, load_public_key((other.root / "server_public_key.pem").read_bytes()))
+    assert json.loads((folder / MANIFEST_FILE).read_text())["version"] == result.manifest.version
