@@ -242,3 +242,19 @@ def baseline_cmd(kind: str = typer.Argument(..., help="local (each camera alone)
         cfg = simulation.prepare(cfg, console, train_progress(bar, "base student"))
     (baselines.local_only if kind == "local" else baselines.centralized)(cfg, Path(cfg.model.student_checkpoint))
     console.print(rounds_table(read_events(Path(cfg.run_dir) / "events.jsonl")))
+
+
+@app.command("serve")
+def serve_cmd(registry: Path = typer.Option(..., help="Snapshot registry folder (RUN_DIR/snapshots)."),
+              host: str = typer.Option("127.0.0.1", help="Bind address; loopback unless told otherwise."),
+              port: int = typer.Option(8080)):
+    """Serve the snapshot registry over HTTP (read-only) for devices."""
+    import uvicorn
+
+    from server.api import create_app
+
+    uvicorn.run(create_app(registry), host=host, port=port, log_level="warning")
+
+
+if __name__ == "__main__":
+    app()

@@ -19,15 +19,19 @@ CREATE TABLE IF NOT EXISTS snapshots (
     status TEXT NOT NULL, reason TEXT, sha256 TEXT, size INTEGER, map50_fp32 REAL, map50_int8 REAL,
     map_fp32 REAL, map_int8 REAL, latency_ms REAL, created TEXT, parent_checkpoint TEXT, extra TEXT
 )"""
-LATEST = "latest.json"
+LATEST, PUBLIC_KEY = "latest.json", "server_public_key.pem"
 
 
 class Registry:
-    def __init__(self, root: Path | str, key_path: Path | str):
+    """Publishing side when given the signing key; read-only (for the HTTP API and dashboard) without it."""
+
+    def __init__(self, root: Path | str, key_path: Path | str | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.key = load_or_create_key(Path(key_path))
-        (self.root / "server_public_key.pem").write_bytes(public_pem(self.key))
+        self.key = None
+        if key_path is not None:
+            self.key = load_or_create_key(Path(key_path))
+            (self.root / PUBLIC_KEY).write_bytes(public_pem(self.key))
         with closing(self._db()) as db, db:
             db.execute(SCHEMA)
 
@@ -43,6 +47,8 @@ class Registry:
 
     def publish(self, manifest: Manifest, model: Path) -> Path:
         """Write snapshots/<version>/ once (never overwritten), then move the `latest` pointer to it."""
+        if self.key is None:
+            raise PermissionError("this registry was opened read-only (no signing key)")
         folder = self.root / manifest.version
         if folder.exists():
             raise FileExistsError(f"snapshot {manifest.version} already exists; snapshots are immutable")

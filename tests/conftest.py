@@ -36,3 +36,21 @@ def tiny_student(tiny_cfg):
     from shared import models
 
     return models.build_student(tiny_cfg.model, tiny_cfg.data.names)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_cfg):
+    """A tiny student trained long enough to detect something (mAP50 > 0) on its own small world (~1 min)."""
+    import torch
+
+    from shared import models, task
+    from shared.train import TrainSpec
+
+    root = tmp_path_factory.mktemp("trainedworld")
+    cfg = tiny_cfg.replace(**{"data.root": str(root), "data.base-train": 64, "data.cameras": 1,
+                              "snapshot.calib-frames": 16, "snapshot.recover-epochs": 0})
+    task.ensure_world(cfg)
+    torch.manual_seed(0)
+    model = models.build_student(cfg.model, cfg.data.names)
+    task.fit(model, task.base_yaml(cfg), cfg, TrainSpec(epochs=20, lr=0.01, optimizer="AdamW", warmup_steps=5))
+    return cfg, model.eval()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -14,24 +13,10 @@ from server.prune import prune
 from server.registry import Registry
 from server.snapshot import calibration_frames, make_snapshot
 from shared import models, task
-from shared.evaluate import OnnxPredictor, TorchPredictor, evaluate
+from shared.evaluate import OnnxPredictor
 from shared.snapshot_format import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, SnapshotError, load_public_key, verify_dir
-from shared.train import TrainSpec
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_cfg):
-    """A tiny student trained long enough to detect something (mAP50 > 0) on its own small world."""
-    root = tmp_path_factory.mktemp("snapworld")
-    cfg = tiny_cfg.replace(**{"data.root": str(root), "data.base-train": 64, "data.cameras": 1,
-                              "snapshot.calib-frames": 16, "snapshot.recover-epochs": 0})
-    task.ensure_world(cfg)
-    torch.manual_seed(0)
-    model = models.build_student(cfg.model, cfg.data.names)
-    task.fit(model, task.base_yaml(cfg), cfg, TrainSpec(epochs=20, lr=0.01, optimizer="AdamW", warmup_steps=5))
-    return cfg, model.eval()
 
 
 def test_pruned_onnx_is_smaller_runs_and_matches_torch(tiny_cfg, tiny_student, tmp_path):

@@ -1,1 +1,1 @@
-"""fedcam client/runtime package."""
+"""On-device runtime: snapshot inference with onnxruntime and numpy, and the update agent (no torch, no flwr)."""

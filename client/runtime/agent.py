@@ -1,0 +1,165 @@
+"""Device agent: pull signed snapshots, verify, smoke-test, swap between frames, roll back; state survives reboot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from client.runtime.detector import Detector
+from shared.snapshot_format import (MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Manifest, SnapshotError,
+                                    load_public_key, verify_dir)
+
+log = logging.getLogger("fedcam.device")
+BAD_FRAMES_BEFORE_ROLLBACK = 3
+
+
+class Agent:
+    def __init__(self, server: str, state_dir: Path | str, public_key_pem: bytes, threads: int = 1,
+                 conf: float = 0.25, timeout: float = 10.0):
+        self.server, self.dir, self.timeout = server.rstrip("/"), Path(state_dir), timeout
+        self.key = load_public_key(public_key_pem)
+        self.threads, self.conf = threads, conf
+        (self.dir / "snapshots").mkdir(parents=True, exist_ok=True)
+        self.state = self._load_state()
+        self.lock = threading.Lock()
+        self.detector: Detector | None = None
+        self.manifest: Manifest | None = None
+        self.bad_frames = 0
+        if self.state.get("current"):  # after a reboot: the last good snapshot, verified again
+            self._activate(self.state["current"])
+
+    # --- state (a JSON file replaced atomically, so a power cut never leaves half of it) ------------------
+    def _load_state(self) -> dict:
+        path = self.dir / "state.json"
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {"current": None, "previous": None, "etag": None, "bad": []}
+
+    def _save_state(self) -> None:
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps(self.state))
+        os.replace(tmp, self.dir / "state.json")
+
+    # --- inference -------------------------------------------------------------------------------------
+    def detect(self, frame: np.ndarray):
+        """Run the active snapshot on a frame; repeated failures of a new snapshot roll back to the previous."""
+        with self.lock:  # the swap happens between frames, never during one
+            detector, manifest = self.detector, self.manifest
+        if detector is None:
+            return None, None
+        try:
+            result = detector(frame)
+            if not np.isfinite(result.scores).all() or not np.isfinite(result.boxes).all():
+                raise FloatingPointError("non-finite detections")
+            self.bad_frames = 0
+            return result, manifest
+        except Exception as err:  # noqa: BLE001 - any failure of the model counts against it
+            self.bad_frames += 1
+            log.warning("snapshot %s failed on a frame (%s)", manifest.version, err)
+            if self.bad_frames >= BAD_FRAMES_BEFORE_ROLLBACK and self.state.get("previous"):
+                self.rollback(f"{err}")
+            return None, manifest
+
+    def rollback(self, reason: str) -> None:
+        bad, previous = self.state["current"], self.state["previous"]
+        log.error("rolling back %s -> %s: %s", bad, previous, reason)
+        self.state["bad"] = sorted(set(self.state["bad"]) | {bad})
+        self.state["current"], self.state["previous"] = previous, None
+        self._save_state()
+        self._activate(previous)
+        self.bad_frames = 0
+
+    def _activate(self, version: str) -> None:
+        folder = self.dir / "snapshots" / version
+        manifest = verify_dir(folder, self.key)  # re-checked on every activation, reboots included
+        detector = Detector(folder / MODEL_FILE, manifest.imgsz, self.threads, self.conf)
+        with self.lock:
+            self.detector, self.manifest = detector, manifest
+
+    # --- updates ---------------------------------------------------------------------------------------
+    def _get(self, path: str, headers: dict | None = None) -> tuple[int, bytes, dict]:
+        req = urllib.request.Request(self.server + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.status, resp.read(), dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            if err.code == 304:
+                return 304, b"", dict(err.headers)
+            raise
+
+    def poll_once(self) -> str:
+        """One check for a new snapshot: 'unchanged', 'updated vNNNN', or raises on network/verification errors."""
+        status, body, headers = self._get("/api/snapshots/latest",
+                                          {"If-None-Match": self.state["etag"]} if self.state.get("etag") else {})
+        if status == 304:
+            return "unchanged"
+        version = Manifest.from_bytes(body).version
+        if version == self.state.get("current") or version in self.state.get("bad", []):
+            return "unchanged"
+        self.install(version)
+        self.state["etag"] = headers.get("ETag") or headers.get("etag")
+        self._save_state()
+        return f"updated {version}"
+
+    def install(self, version: str) -> None:
+        """Download to staging, verify signature and hash, smoke-test, then swap it in; the old one is kept."""
+        staging = self.dir / "staging" / version
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for name in (MANIFEST_FILE, SIGNATURE_FILE, MODEL_FILE):
+            _, data, _ = self._get(f"/api/snapshots/{version}/{name}")
+            (staging / name).write_bytes(data)
+        try:  # a bad signature or hash may be a truncated download: retried later, not blacklisted
+            manifest = verify_dir(staging, self.key)
+            if manifest.version != version:
+                raise SnapshotError(f"manifest names {manifest.version}, expected {version}")
+        except SnapshotError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        try:  # a signed model that does not run is broken for good: never try it again
+            smoke = Detector(staging / MODEL_FILE, manifest.imgsz, self.threads, self.conf)
+            out = smoke.raw(np.zeros((3, manifest.imgsz, manifest.imgsz), np.uint8))
+            if out.ndim != 2 or out.shape[0] != 4 + len(manifest.names) or not np.isfinite(out).all():
+                raise SnapshotError(f"output {out.shape} or non-finite")
+        except Exception as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            self.state["bad"] = sorted(set(self.state.get("bad", [])) | {version})
+            self._save_state()
+            raise SnapshotError(f"snapshot {version} failed its smoke test: {err}") from err
+        final = self.dir / "snapshots" / version
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        self.state["previous"], self.state["current"] = self.state.get("current"), version
+        self._save_state()
+        self._activate(version)
+        self._prune_old()
+
+    def _prune_old(self) -> None:
+        keep = {self.state.get("current"), self.state.get("previous")}
+        for folder in (self.dir / "snapshots").iterdir():
+            if folder.name not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def poll_forever(self, interval: float, stop: threading.Event, max_backoff: float = 300.0) -> None:
+        """Poll until `stop`; network errors and rejected snapshots back off exponentially."""
+        delay = interval
+        while not stop.is_set():
+            try:
+                result = self.poll_once()
+                if result != "unchanged":
+                    log.info(result)
+                delay = interval
+            except (OSError, SnapshotError, ValueError) as err:
+                log.warning("update check failed: %s (next try in %.0fs)", err, delay)
+                delay = min(max_backoff, delay * 2)
+            stop.wait(delay)

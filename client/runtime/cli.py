@@ -1,0 +1,136 @@
+"""`fedcam-device`: detect with a snapshot, or run the update agent on a frame source (numpy/onnxruntime/cv2 only)."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def frames(source: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Frames from an image, a folder of images, a video file, a camera index or an RTSP/HTTP URL."""
+    path = Path(source)
+    if path.is_dir():
+        for p in sorted(q for q in path.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES):
+            img = cv2.imread(str(p))
+            if img is None:
+                logging.warning("skipping unreadable image %s", p)
+                continue
+            yield str(p), img
+        return
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        img = cv2.imread(str(path))
+        if img is None:
+            raise SystemExit(f"cannot read image {path}")
+        yield str(path), img
+        return
+    cap = cv2.VideoCapture(int(source) if source.isdigit() else source)
+    if not cap.isOpened():
+        raise SystemExit(f"cannot open source {source}")
+    i = 0
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        yield f"{source}#{i}", img
+        i += 1
+    cap.release()
+
+
+def draw(img: np.ndarray, det, names: list[str]) -> np.ndarray:
+    out = img.copy()
+    for (x1, y1, x2, y2), s, c in zip(det.boxes.astype(int), det.scores, det.classes):
+        cv2.rectangle(out, (x1, y1), (x2, y2), (0, 255, 0), 2)
+        cv2.putText(out, f"{names[c]} {s:.2f}", (x1, max(10, y1 - 3)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 255, 0), 1)
+    return out
+
+
+class Meter:
+    """Rolling latency and FPS over the last N frames."""
+
+    def __init__(self, n: int = 50):
+        self.lat, self.stamps = collections.deque(maxlen=n), collections.deque(maxlen=n)
+
+    def add(self, latency_ms: float) -> str:
+        self.lat.append(latency_ms)
+        self.stamps.append(time.perf_counter())
+        fps = (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0]) if len(self.stamps) > 1 else 0.0
+        return f"latency p50 {np.median(self.lat):.1f} ms, {fps:.1f} FPS"
+
+
+def emit(frame_id: str, det, names: list[str], version: str, annotate: Path | None, img: np.ndarray) -> None:
+    print(json.dumps({"frame": frame_id, "snapshot": version, **det.as_dict(names)}), flush=True)
+    if annotate:
+        annotate.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(annotate / (Path(frame_id.replace("#", "_")).stem + ".jpg")), draw(img, det, names))
+
+
+def cmd_detect(args) -> None:
+    from client.runtime.detector import Detector
+    from shared.snapshot_format import MODEL_FILE, Manifest, MANIFEST_FILE
+
+    folder = Path(args.snapshot)
+    manifest = Manifest.from_bytes((folder / MANIFEST_FILE).read_bytes())
+    detector = Detector(folder / MODEL_FILE, manifest.imgsz, args.threads, args.conf)
+    meter = Meter()
+    for frame_id, img in frames(args.source):
+        det = detector(img)
+        emit(frame_id, det, manifest.names, manifest.version, args.annotate, img)
+        print(meter.add(det.latency_ms), file=sys.stderr)
+
+
+def cmd_run(args) -> None:
+    from client.runtime.agent import Agent
+
+    agent = Agent(args.server, args.state, Path(args.key).read_bytes(), args.threads, args.conf)
+    stop = threading.Event()
+    poller = threading.Thread(target=agent.poll_forever, args=(args.poll, stop), daemon=True)
+    poller.start()
+    meter = Meter()
+    try:
+        while not stop.is_set():
+            for frame_id, img in frames(args.source):
+                det, manifest = agent.detect(img)
+                if det is not None:
+                    emit(frame_id, det, manifest.names, manifest.version, args.annotate, img)
+                    print(meter.add(det.latency_ms), file=sys.stderr)
+            if not args.loop:
+                break
+    finally:
+        stop.set()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    ap = argparse.ArgumentParser(prog="fedcam-device", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("detect", "run"):
+        p = sub.add_parser(name)
+        p.add_argument("--source", required=True, help="image, folder, video, camera index or RTSP URL")
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--conf", type=float, default=0.25)
+        p.add_argument("--annotate", type=Path, default=None, help="write annotated frames here")
+    sub.choices["detect"].add_argument("--snapshot", required=True, help="snapshot folder (model.onnx + manifest)")
+    run = sub.choices["run"]
+    run.add_argument("--server", required=True, help="registry URL, e.g. http://127.0.0.1:8080")
+    run.add_argument("--state", type=Path, default=Path.home() / ".fedcam-device")
+    run.add_argument("--key", required=True, help="the server's public key (PEM), pinned at install time")
+    run.add_argument("--poll", type=float, default=30.0, help="seconds between update checks")
+    run.add_argument("--loop", action="store_true", help="replay the source forever (files)")
+    args = ap.parse_args(argv)
+    (cmd_detect if args.cmd == "detect" else cmd_run)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The server's HTTP app (FastAPI): the read-only snapshot registry that devices pull from."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.responses import FileResponse
+
+from server.registry import PUBLIC_KEY, Registry
+from shared.snapshot_format import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE
+
+FILES = {MODEL_FILE: "application/octet-stream", MANIFEST_FILE: "application/json",
+         SIGNATURE_FILE: "application/octet-stream"}
+VERSION = re.compile(r"^v\d{4,}$")
+
+
+def create_app(registry_root: Path | str) -> FastAPI:
+    app = FastAPI(title="fedcam server", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    registry = Registry(registry_root)
+    app.state.registry = registry
+
+    @app.get("/api/snapshots")
+    def list_snapshots() -> list[dict]:
+        return registry.rows()
+
+    @app.get("/api/snapshots/latest")
+    def latest(request: Request) -> Response:
+        """The newest published manifest; ETag = version + sha256, so a device's poll costs a 304 when nothing changed."""
+        pointer = registry.latest()
+        if pointer is None:
+            raise HTTPException(404, "no snapshot published yet")
+        etag = f'"{pointer["version"]}-{pointer["sha256"][:16]}"'
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers={"ETag": etag})
+        body = (registry.root / pointer["version"] / MANIFEST_FILE).read_bytes()
+        return Response(body, media_type="application/json", headers={"ETag": etag, "Cache-Control": "no-cache"})
+
+    @app.get("/api/snapshots/{version}/{name}")
+    def snapshot_file(version: str, name: str) -> FileResponse:
+        if not VERSION.match(version) or name not in FILES:  # no path tricks: only known names
+            raise HTTPException(404, "no such snapshot file")
+        path = registry.root / version / name
+        if not path.is_file():
+            raise HTTPException(404, f"snapshot {version} has no {name}")
+        # Snapshot folders are immutable, so a file's ETag never changes.
+        return FileResponse(path, media_type=FILES[name], headers={"Cache-Control": "public, max-age=31536000, immutable"})
+
+    @app.get("/api/public-key")
+    def public_key() -> Response:
+        path = registry.root / PUBLIC_KEY
+        if not path.exists():
+            raise HTTPException(404, "no signing key yet")
+        return Response(path.read_bytes(), media_type="application/x-pem-file")
+
+    return app

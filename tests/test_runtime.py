@@ -1,0 +1,182 @@
+"""Device runtime: torch-free import, detections equal the evaluation path, and the update agent over real HTTP."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from client.runtime.agent import Agent
+from client.runtime.detector import Detector
+from server.export import export_onnx
+from server.registry import Registry, now_iso
+from shared import task
+from shared.evaluate import NmsSettings, OnnxPredictor
+from shared.snapshot_format import MODEL_FILE, Manifest, SnapshotError, sha256_file
+
+pytestmark = pytest.mark.slow
+
+
+def test_runtime_imports_neither_torch_nor_flwr():
+    code = ("import sys, client.runtime.cli, client.runtime.agent, client.runtime.detector; "
+            "bad = [m for m in ('torch', 'flwr', 'ultralytics') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_runtime_detections_match_the_evaluation_path(trained, tmp_path):
+    cfg, model = trained
+    path = export_onnx(model, tmp_path / "m.onnx", 64, {})
+    loader = task.make_loader(task.base_yaml(cfg), "val", cfg, False)
+    detector = Detector(path, 64, conf=0.05, iou=0.6, max_det=100)
+    reference = OnnxPredictor(path, NmsSettings(conf=0.05, iou=0.6, max_det=100))
+    compared = 0
+    for batch in loader:
+        for img, ref in zip(batch["img"].numpy(), reference(batch["img"].numpy())):
+            got = detector.detect_letterboxed(img)
+            assert len(got) == len(ref)
+            order_g, order_r = np.argsort(-got[:, 4]), np.argsort(-ref[:, 4])
+            assert np.allclose(got[order_g], ref[order_r], atol=1e-3)
+            compared += len(got)
+    assert compared > 0, "no detections compared: the test would prove nothing"
+
+
+# --- the agent against a real registry server ------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RegistryServer:
+    """`fedcam serve` in a child process on loopback, stopped by PID."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.proc = root, free_port(), None
+
+    def start(self):
+        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--registry", str(self.root),
+                                      "--port", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                assert self.proc.poll() is None, self.proc.stderr.read().decode()
+                time.sleep(0.2)
+        raise TimeoutError("registry server did not start")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+
+def publish(registry: Registry, model: Path, names: list[str], imgsz: int = 64) -> str:
+    version = registry.next_version()
+    m = Manifest(version=version, round=1, target="x86", sha256=sha256_file(model), size=model.stat().st_size,
+                 imgsz=imgsz, names=names, map50_fp32=0, map50_int8=0, map_fp32=0, map_int8=0, latency_ms=0,
+                 created=now_iso(), parent_checkpoint="")
+    registry.publish(m, model)
+    return version
+
+
+def nan_on_real_frames(path: Path, nc: int, imgsz: int = 64) -> Path:
+    """A valid detector-shaped model that is finite on the all-black smoke frame and NaN on any real frame."""
+    k = helper.make_tensor("k", TensorProto.FLOAT, [4 + nc, 3, 1, 1], [1.0] * ((4 + nc) * 3))
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [1, 4 + nc, imgsz * imgsz])
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["images"], ["n"]), helper.make_node("Sqrt", ["n"], ["s"]),
+         helper.make_node("Conv", ["s", "k"], ["c"]), helper.make_node("Reshape", ["c", "shape"], ["output0"])],
+        "nan", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, imgsz, imgsz])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 4 + nc, imgsz * imgsz])], [k, shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.fixture()
+def fleet(tmp_path, tiny_student):
+    registry = Registry(tmp_path / "registry", tmp_path / "key.pem")
+    server = RegistryServer(registry.root).start()
+    models = []
+    for i in range(2):  # two genuinely different snapshots
+        for p in tiny_student.parameters():
+            p.data.mul_(0.9)
+        models.append(export_onnx(tiny_student, tmp_path / f"m{i}.onnx", 64, {}))
+    yield registry, server, models, tmp_path
+    server.stop()
+
+
+def test_agent_swaps_rejects_rolls_back_and_survives_outages(fleet, tiny_cfg):
+    registry, server, (m1, m2), tmp = fleet
+    names = tiny_cfg.data.names
+    key = (registry.root / "server_public_key.pem").read_bytes()
+    agent = Agent(server.url, tmp / "device", key, timeout=5)
+    frame = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    assert agent.detect(frame) == (None, None)  # nothing installed yet
+    v1 = publish(registry, m1, names)
+    assert agent.poll_once() == f"updated {v1}" and agent.poll_once() == "unchanged"
+
+    # a new version is swapped in while frames keep flowing: every frame gets an answer
+    results, stop = [], threading.Event()
+
+    def camera():
+        for _ in range(400):
+            if stop.is_set():
+                break
+            results.append(agent.detect(frame)[0])
+
+    cam = threading.Thread(target=camera)
+    cam.start()
+    v2 = publish(registry, m2, names)
+    assert agent.poll_once() == f"updated {v2}"
+    time.sleep(0.2)
+    stop.set()
+    cam.join(timeout=60)
+    assert results and all(r is not None for r in results)
+    assert agent.detect(frame)[1].version == v2
+
+    # tampered after signing: refused, old one keeps serving, retried later (not blacklisted)
+    v3 = publish(registry, m1, names)
+    served = registry.root / v3 / MODEL_FILE
+    data = bytearray(served.read_bytes())
+    data[100] ^= 0xFF
+    served.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="sha256"):
+        agent.poll_once()
+    assert agent.detect(frame)[1].version == v2 and v3 not in agent.state["bad"]
+
+    # a signed model that passes the smoke test but fails on real frames is rolled back
+    v4 = publish(registry, nan_on_real_frames(tmp / "nan.onnx", len(names)), names)
+    assert agent.poll_once() == f"updated {v4}"
+    for _ in range(3):
+        assert agent.detect(frame)[0] is None
+    assert agent.detect(frame)[1].version == v2 and v4 in agent.state["bad"]
+    assert agent.poll_once() == "unchanged"  # the bad one is never taken again
+
+    # server outage: polling fails, detection goes on; after the restart polling works again
+    server.stop()
+    with pytest.raises(OSError):
+        agent.poll_once()
+    assert agent.detect(frame)[0] is not None
+    server.start()
+    v5 = publish(registry, m1, names)
+    assert agent.poll_once() == f"updated {v5}"
+
+    # reboot: a fresh agent on the same state folder serves the same snapshot, verified again
+    rebooted = Agent(server.url, tmp / "device", key)
+    assert rebooted.detect(frame)[1].version == v5
