@@ -13,10 +13,14 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The dashboard test drives Debian's Chromium (Playwright uses it; it never downloads a browser).
+/usr/bin/chromium:
+	apt-get update -q && apt-get install -y -q chromium
+
 demo: setup
 	$(VENV)/bin/fedcam simulate --scenario simulations/scenarios/demo.toml --run-dir $(DEMO_DIR)
 
-test: setup
+test: setup /usr/bin/chromium
 	$(PY) -m pytest -q
 
 test-fast: setup

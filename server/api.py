@@ -16,8 +16,13 @@ FILES = {MODEL_FILE: "application/octet-stream", MANIFEST_FILE: "application/jso
 VERSION = re.compile(r"^v\d{4,}$")
 
 
-def create_app(registry_root: Path | str) -> FastAPI:
+def create_app(registry_root: Path | str, run_dir: Path | str | None = None) -> FastAPI:
+    """The registry API; with a run folder, the dashboard pages and their API too (one app, one port)."""
     app = FastAPI(title="fedcam server", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    if run_dir is not None:
+        from server.dashboard import add_dashboard
+
+        add_dashboard(app, run_dir)
     registry = Registry(registry_root)
     app.state.registry = registry
 

@@ -244,6 +244,21 @@ def baseline_cmd(kind: str = typer.Argument(..., help="local (each camera alone)
     console.print(rounds_table(read_events(Path(cfg.run_dir) / "events.jsonl")))
 
 
+@app.command("dashboard")
+def dashboard_cmd(run_dir: Path = typer.Argument(..., help="Run folder (finished or running)."),
+                  host: str = typer.Option("127.0.0.1", help="Bind address; loopback unless told otherwise."),
+                  port: int = typer.Option(8080)):
+    """Serve the run's dashboard and its snapshot registry on one HTTP port."""
+    import uvicorn
+
+    from server.api import create_app
+
+    registry = json.loads((run_dir / "run_config.json").read_text()).get("snapshot.dir") if (
+        run_dir / "run_config.json").exists() else ""
+    console.print(f"dashboard: http://{host}:{port}/")
+    uvicorn.run(create_app(registry or run_dir / "snapshots", run_dir), host=host, port=port, log_level="warning")
+
+
 @app.command("serve")
 def serve_cmd(registry: Path = typer.Option(..., help="Snapshot registry folder (RUN_DIR/snapshots)."),
               host: str = typer.Option("127.0.0.1", help="Bind address; loopback unless told otherwise."),

@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from server.checkpoint import Progress, RunCheckpoints
 from server.events import EventBus, JsonlLog
+from server.store import RunStore
 from shared import models, task
 from shared.arrays import to_record, to_state_dict
 from shared.config import Config, to_flat
@@ -27,7 +28,7 @@ class FederatedRun:
         self.cfg = cfg
         self.dir = Path(cfg.run_dir)
         self.checkpoints = RunCheckpoints(self.dir)
-        self.bus = EventBus([JsonlLog(self.dir / "events.jsonl")])
+        self.bus = EventBus([JsonlLog(self.dir / "events.jsonl"), RunStore(self.dir / "fedcam.sqlite")])
         self.done, self.state = 0, {}
         progress = self.checkpoints.progress()
         if progress and not cfg.resume:

@@ -39,6 +39,7 @@ class FedcamMixin:
         random.seed(self.seed * 100_003 + rnd)  # Flower samples with `random`: make it replayable on resume
         self._reference = to_state_dict(arrays)
         self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
+        self._bytes_down = arrays.count_bytes()
         config["seed"] = self.seed * 100_003 + rnd
         messages = list(super().configure_train(rnd, arrays, config, grid))
         self._sampled = [m.metadata.dst_node_id for m in messages]
@@ -87,6 +88,8 @@ class FedcamMixin:
                 continue
             metrics = {k: float(v) for r in msg.content.metric_records.values() for k, v in r.items()
                        if isinstance(v, (int, float))}
+            metrics["bytes-down"] = float(getattr(self, "_bytes_down", 0))
+            metrics["bytes-up"] = float(sum(r.count_bytes() for r in msg.content.array_records.values()))
             try:
                 if not msg.content.array_records:
                     raise UpdateError("reply carries no weights")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ TINY = {
     "data.imgsz": 64, "data.cameras": 2, "data.base-train": 24, "data.base-val": 12,
     "data.camera-train": 16, "data.camera-val": 8, "data.camera-pool": 8,
     "model.student-width": 0.0625, "model.teacher-scale": "n", "model.family": "yolov8",
-    "snapshot.round-to": 1, "train.batch": 8, "train.epochs": 1, "train.threads": 2, "train.warmup-steps": 0, "eval.batch": 8,
+    "snapshot.round-to": 1, "snapshot.recover-epochs": 1, "snapshot.calib-frames": 16, "train.batch": 8, "train.epochs": 1, "train.threads": 2, "train.warmup-steps": 0, "eval.batch": 8,
 }
 
 
@@ -54,3 +55,31 @@ def trained(tmp_path_factory, tiny_cfg):
     model = models.build_student(cfg.model, cfg.data.names)
     task.fit(model, task.base_yaml(cfg), cfg, TrainSpec(epochs=20, lr=0.01, optimizer="AdamW", warmup_steps=5))
     return cfg, model.eval()
+
+
+GUARD = Path(__file__).parent / "egress_guard"
+
+
+def sim_cfg(tiny_cfg, world: Path, run_dir: Path, **flat):
+    from server import simulation
+
+    cfg = tiny_cfg.replace(**{"data.root": str(world), "run-dir": str(run_dir), "fed.rounds": 2,
+                              "fed.local-epochs": 1, "fed.local-lr": 0.01, "fed.round-timeout": 120.0, **flat})
+    return simulation.prepare(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_cfg, tiny_world):
+    """A real 2-camera, 2-round simulation (ending in a snapshot), every process under the LD_PRELOAD egress guard."""
+    from server import simulation
+
+    run_dir = tmp_path_factory.mktemp("run")
+    log, shim = run_dir / "egress.jsonl", run_dir / "connect_guard.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(shim), str(GUARD / "connect_guard.c"), "-ldl"],
+                   check=True)
+    cfg = sim_cfg(tiny_cfg, tiny_world, run_dir / "run")
+    code = simulation.launch(cfg, 2, extra_env={"LD_PRELOAD": str(shim), "FEDCAM_EGRESS_LOG": str(log)},
+                             timeout=300)
+    return cfg, code, log
+
+

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,36 +11,17 @@ import torch
 from server import simulation
 from server.checkpoint import RunCheckpoints
 from server.events import read_events
+from conftest import sim_cfg
 
 pytestmark = pytest.mark.slow
-GUARD = Path(__file__).parent / "egress_guard"
-
-
-def sim_cfg(tiny_cfg, world: Path, run_dir: Path, **flat):
-    cfg = tiny_cfg.replace(**{"data.root": str(world), "run-dir": str(run_dir), "fed.rounds": 2,
-                              "fed.local-epochs": 1, "fed.local-lr": 0.01, "fed.round-timeout": 120.0, **flat})
-    return simulation.prepare(cfg)
 
 
 def by_kind(run_dir: Path, kind: str) -> list[dict]:
     return [e for e in read_events(run_dir / "events.jsonl") if e["kind"] == kind]
 
 
-@pytest.fixture(scope="module")
-def guarded_run(tmp_path_factory, tiny_cfg, tiny_world):
-    """2 cameras, 2 rounds, every process (Python and Ray's native ones) under the LD_PRELOAD egress guard."""
-    run_dir = tmp_path_factory.mktemp("run")
-    log, shim = run_dir / "egress.jsonl", run_dir / "connect_guard.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(shim), str(GUARD / "connect_guard.c"), "-ldl"],
-                   check=True)
-    cfg = sim_cfg(tiny_cfg, tiny_world, run_dir / "run")
-    code = simulation.launch(cfg, 2, extra_env={"LD_PRELOAD": str(shim), "FEDCAM_EGRESS_LOG": str(log)},
-                             timeout=300)
-    return cfg, code, log
-
-
-def test_two_cameras_two_rounds(guarded_run):
-    cfg, code, _ = guarded_run
+def test_two_cameras_two_rounds(tiny_run):
+    cfg, code, _ = tiny_run
     run_dir = Path(cfg.run_dir)
     assert code == 0, (run_dir / "simulation.log").read_text()[-3000:]
     ends = {e["round"]: e["data"] for e in by_kind(run_dir, "round_end")}
@@ -51,10 +31,13 @@ def test_two_cameras_two_rounds(guarded_run):
     assert all(c["ok"] and c["metrics"]["num-examples"] > 0 for t in trains for c in t["data"]["clients"])
     assert RunCheckpoints(run_dir).progress().round == 2
     assert by_kind(run_dir, "run_end")
+    (snap,) = by_kind(run_dir, "snapshot")  # the last round's round-event hook made a snapshot
+    assert snap["round"] == 2 and snap["data"]["int8_convs"] > 0
+    assert snap["data"]["published"] or "drop" in snap["data"]["reason"]
 
 
-def test_simulation_makes_no_connection_off_loopback(guarded_run):
-    _, code, log = guarded_run
+def test_simulation_makes_no_connection_off_loopback(tiny_run):
+    _, code, log = tiny_run
     assert code == 0
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert records, "the guard recorded nothing: it did not run, so the test proves nothing"
@@ -62,8 +45,8 @@ def test_simulation_makes_no_connection_off_loopback(guarded_run):
     assert [r for r in records if not r["allowed"]] == []
 
 
-def test_resume_ends_with_the_same_weights(guarded_run, tiny_cfg, tiny_world, tmp_path):
-    full_cfg, code, _ = guarded_run
+def test_resume_ends_with_the_same_weights(tiny_run, tiny_cfg, tiny_world, tmp_path):
+    full_cfg, code, _ = tiny_run
     assert code == 0
     cfg = sim_cfg(tiny_cfg, tiny_world, tmp_path / "run", **{"fed.rounds": 1})
     assert simulation.launch(cfg, 2, timeout=300) == 0
@@ -88,8 +71,8 @@ def test_a_failing_client_is_tolerated(tiny_cfg, tiny_world, tmp_path):
     assert "client error" in failed["reason"]
 
 
-def test_existing_run_is_never_overwritten(guarded_run):
-    cfg, code, _ = guarded_run
+def test_existing_run_is_never_overwritten(tiny_run):
+    cfg, code, _ = tiny_run
     assert code == 0
     before = (Path(cfg.run_dir) / "events.jsonl").read_text()
     again = cfg.replace(**{"resume": False})

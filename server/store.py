@@ -1,0 +1,83 @@
+"""SQLite store of a run (runs, rounds, per-client results, snapshots), fed by the same round events as the log."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, started REAL, ended REAL, status TEXT, config TEXT,
+                                 resumed_from INTEGER);
+CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, started REAL, ended REAL, sampled INTEGER,
+    accepted INTEGER, failed INTEGER, loss REAL, map50 REAL, map REAL, cam_map50 REAL, cam_map REAL,
+    bytes_up INTEGER, bytes_down INTEGER, seconds REAL);
+CREATE TABLE IF NOT EXISTS clients (round INTEGER, node_id TEXT, ok INTEGER, reason TEXT, seconds REAL,
+    examples INTEGER, loss REAL, update_norm REAL, bytes_up INTEGER, bytes_down INTEGER, time REAL,
+    PRIMARY KEY (round, node_id));
+CREATE TABLE IF NOT EXISTS snapshots (version TEXT PRIMARY KEY, round INTEGER, published INTEGER, reason TEXT,
+    map50_fp32 REAL, map50_int8 REAL, size INTEGER, latency_ms REAL, int8_convs INTEGER, time REAL);
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=30)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")  # the dashboard reads while the server writes
+    return db
+
+
+class RunStore:
+    """Event hook: one row per run, round, client result and snapshot; INSERT OR REPLACE keeps resumes clean."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(connect(self.path)) as db, db:
+            db.executescript(SCHEMA)
+
+    def __call__(self, event, arrays=None) -> None:
+        d, r, t = event.data, event.round, event.time
+        with closing(connect(self.path)) as db, db:
+            if event.kind == "run_start":
+                db.execute("INSERT INTO runs (started, status, config, resumed_from) VALUES (?, 'running', ?, ?)",
+                           (t, json.dumps(d.get("config", {})), d.get("resumed_from", 0)))
+            elif event.kind in ("run_end", "run_error"):
+                status = "finished" if event.kind == "run_end" else f"failed: {d.get('error', '')}"
+                db.execute("UPDATE runs SET ended = ?, status = ? WHERE id = (SELECT MAX(id) FROM runs)", (t, status))
+            elif event.kind == "round_start":
+                db.execute("INSERT OR REPLACE INTO rounds (round, started, sampled) VALUES (?, ?, ?)",
+                           (r, t, len(d.get("sampled", []))))
+            elif event.kind == "train_result":
+                self._train(db, r, t, d)
+            elif event.kind == "round_end":
+                c = d.get("central", {})
+                db.execute("INSERT INTO rounds (round, ended, map50, map, cam_map50, cam_map) VALUES (?,?,?,?,?,?)"
+                           " ON CONFLICT(round) DO UPDATE SET ended=excluded.ended, map50=excluded.map50,"
+                           " map=excluded.map, cam_map50=excluded.cam_map50, cam_map=excluded.cam_map",
+                           (r, t, c.get("map50"), c.get("map"), c.get("cam-map50"), c.get("cam-map")))
+            elif event.kind == "snapshot":
+                db.execute("INSERT OR REPLACE INTO snapshots VALUES (?,?,?,?,?,?,?,?,?,?)",
+                           (d["version"], r, int(d["published"]), d.get("reason", ""), d.get("map50_fp32"),
+                            d.get("map50_int8"), d.get("size"), d.get("latency_ms"), d.get("int8_convs"), t))
+
+    @staticmethod
+    def _train(db, r, t, d) -> None:
+        clients = d.get("clients", [])
+        up = sum(int(c["metrics"].get("bytes-up", 0)) for c in clients)
+        down = sum(int(c["metrics"].get("bytes-down", 0)) for c in clients)
+        db.execute("UPDATE rounds SET accepted=?, failed=?, loss=?, bytes_up=?, bytes_down=?, seconds=? WHERE round=?",
+                   (d.get("accepted"), sum(not c["ok"] for c in clients), d.get("metrics", {}).get("loss"), up,
+                    down, d.get("seconds"), r))
+        for c in clients:
+            m = c.get("metrics", {})
+            db.execute("INSERT OR REPLACE INTO clients VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                       (r, str(c["node_id"]), int(c["ok"]), c.get("reason", ""), m.get("seconds"),
+                        m.get("num-examples"), m.get("loss"), m.get("update-norm"), m.get("bytes-up"),
+                        m.get("bytes-down"), t))
+
+
+def query(path: Path | str, sql: str, args: tuple = ()) -> list[dict]:
+    with closing(connect(Path(path))) as db:
+        return [dict(row) for row in db.execute(sql, args)]
