@@ -107,7 +107,7 @@ class SnapshotHook:
         self.registry = registry_for(cfg)
 
     def __call__(self, event, arrays=None) -> None:
-        if event.kind != "round_end" or arrays is None or event.round == 0:
+        if not self.cfg.snapshot.enabled or event.kind != "round_end" or arrays is None or event.round == 0:
             return
         every, last = self.cfg.snapshot.every, event.round == self.cfg.fed.rounds
         if not (last or (every > 0 and event.round % every == 0)):

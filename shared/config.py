@@ -69,6 +69,7 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class SnapshotConfig:
+    enabled: bool
     every: int
     prune_ratio: float
     round_to: int

@@ -64,13 +64,16 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--strategies", default="fedavg,fedprox,fedadam")
     ap.add_argument("--many", type=int, default=50, help="cameras for the memory measurement (0: skip)")
+    ap.add_argument("--reuse", action="append", default=[], help="NAME=RUN_DIR of a finished run of this scenario")
     args = ap.parse_args()
     out = Path(args.out)
-    runs = {}
+    runs = {name: Path(d) for name, _, d in (r.partition("=") for r in args.reuse)}
     for s in args.strategies.split(","):
+        if not s or s in runs:
+            continue
         runs[s] = out / s
         wall = fedcam("simulate", "--scenario", str(SCENARIO), "--rounds", str(args.rounds), "--strategy", s,
-                      "--run-dir", str(runs[s]), "--timeout", "7200")
+                      "--run-dir", str(runs[s]), "--timeout", "7200", "--set", "snapshot.enabled=false")
         print(f"{s}: {wall:.0f}s wall", flush=True)
     for kind in ("local", "central"):
         runs[kind] = out / kind
@@ -78,7 +81,7 @@ def main() -> None:
 
     key = "cam-map50"
     curves = {k: curve(v, key) for k, v in runs.items()}
-    untouched = curves[args.strategies.split(",")[0]].get(0, float("nan"))
+    untouched = next(iter(curves.values())).get(0, float("nan"))
     central_final = curves["central"].get(args.rounds, float("nan"))
     print(f"\nnon-IID, {args.rounds} rounds, mean camera-val mAP50 (untouched base student: {untouched:.3f})")
     print(f"{'method':<10}" + "".join(f"{'r' + str(r):>7}" for r in range(1, args.rounds + 1)) + f"{'to 95% central':>16}")
@@ -103,7 +106,7 @@ def main() -> None:
         task.score_cameras(start, cfg)  # the server's central evaluation
     direct = time.perf_counter() - t0
     ev = read_events(runs["fedavg"] / "events.jsonl") if "fedavg" in runs else []
-    ends = [e["time"] for e in ev if e["kind"] == "round_end"]  # up to the last round: snapshot work excluded
+    ends = [e["time"] for e in ev if e["kind"] == "round_end" and e["round"] <= args.rounds]  # no snapshot work
     sim = ends[-1] - ev[0]["time"] if ends else float("nan")
     print(f"\noverhead: simulation {sim:.0f}s vs direct {direct:.0f}s for the same training and evaluation "
           f"-> ratio {sim / direct:.2f}")
@@ -111,7 +114,8 @@ def main() -> None:
     if args.many:
         many = Path(__file__).parent / "scenarios" / "many_cameras.toml"
         secs, peak = peak_rss_while(lambda: fedcam("simulate", "--scenario", str(many), "--rounds", "1",
-                                                   "--cameras", str(args.many), "--run-dir", str(out / "many")))
+                                                   "--cameras", str(args.many), "--run-dir", str(out / "many"),
+                                                   "--set", "snapshot.enabled=false"))
         print(f"{args.many} cameras, 1 round: {secs:.0f}s, peak RSS of all processes {peak:.2f} GiB")
 
 
