@@ -188,6 +188,7 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
                  scenario: Optional[Path] = typer.Option(None, help="Run-config TOML, e.g. simulations/scenarios/*.toml"),
                  resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder."),
                  timeout: float = typer.Option(3600.0, help="Give up (and stop everything) after this many seconds."),
+                 dashboard_port: int = typer.Option(8080, help="Live dashboard on 127.0.0.1 during the run (0: off)."),
                  sets: Optional[list[str]] = SetOpt):
     """Run a local multi-camera federation on Flower's Simulation Engine (world and base student made if missing)."""
     from rich.live import Live
@@ -206,13 +207,42 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
     events = Path(cfg.run_dir) / "events.jsonl"
     console.print(f"simulating {cfg.data.cameras} cameras, {cfg.fed.rounds} rounds of {cfg.fed.strategy} "
                   f"in [bold]{cfg.run_dir}[/] (log: {Path(cfg.run_dir) / 'simulation.log'})")
-    with Live(rounds_table([]), console=console, refresh_per_second=1) as live:
-        code = simulation.launch(cfg, cfg.data.cameras, timeout=timeout,
-                                 on_tick=lambda: live.update(rounds_table(read_events(events))))
-        live.update(rounds_table(read_events(events)))
+    registry = Path(cfg.snapshot.dir or Path(cfg.run_dir) / "snapshots")
+    server = start_dashboard(Path(cfg.run_dir), registry, dashboard_port) if dashboard_port else None
+    try:
+        with Live(rounds_table([]), console=console, refresh_per_second=1) as live:
+            code = simulation.launch(cfg, cfg.data.cameras, timeout=timeout,
+                                     on_tick=lambda: live.update(rounds_table(read_events(events))))
+            live.update(rounds_table(read_events(events)))
+    finally:
+        if server:
+            server.should_exit = True
+    snaps = [e for e in read_events(events) if e["kind"] == "snapshot"]
+    for e in snaps:
+        d = e["data"]
+        state = "[green]published[/]" if d["published"] else f"[red]rejected[/] ({d['reason']})"
+        console.print(f"snapshot {d['version']} of round {e['round']}: {state}; mAP50 int8 {d['map50_int8']:.3f} vs "
+                      f"fp32 {d['map50_fp32']:.3f}, {d['size'] / 1e6:.2f} MB, {d['latency_ms']:.1f} ms")
+    console.print(f"dashboard of this run: fedcam dashboard {cfg.run_dir}  (then http://127.0.0.1:8080/)")
     if code != 0:
         console.print(f"[red]simulation ended with code {code}[/]; see {Path(cfg.run_dir) / 'simulation.log'}")
         raise typer.Exit(1)
+
+
+def start_dashboard(run_dir: Path, registry: Path, port: int):
+    """The dashboard in a background thread while the run goes on; its address is printed."""
+    import threading
+
+    import uvicorn
+
+    from server.api import create_app
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(registry, run_dir), host="127.0.0.1", port=port,
+                                           log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    console.print(f"live dashboard: http://127.0.0.1:{port}/")
+    return server
 
 
 def scenario_overrides(path: Path | None) -> dict:
@@ -242,6 +272,33 @@ def baseline_cmd(kind: str = typer.Argument(..., help="local (each camera alone)
         cfg = simulation.prepare(cfg, console, train_progress(bar, "base student"))
     (baselines.local_only if kind == "local" else baselines.centralized)(cfg, Path(cfg.model.student_checkpoint))
     console.print(rounds_table(read_events(Path(cfg.run_dir) / "events.jsonl")))
+
+
+@app.command("snapshot")
+def snapshot_cmd(checkpoint: Path = typer.Option(..., help="fedcam/Ultralytics checkpoint, or a run's global_rNNNN.pt"),
+                 run: Optional[Path] = typer.Option(None, help="Run folder: its config and (for global_r*.pt) model."),
+                 round_: int = typer.Option(0, "--round", help="Round number to record in the manifest."),
+                 sets: Optional[list[str]] = SetOpt):
+    """Make a snapshot by hand: prune, recover, export, quantize, gate, sign and publish."""
+    import torch
+
+    from server.snapshot import make_snapshot, registry_for
+    from shared import models
+
+    base = json.loads((run / "run_config.json").read_text()) if run else {}
+    cfg = config_from(sets, {**base, "resume": True} if run else {})
+    if checkpoint.name.startswith("global_r"):  # plain state dict of a run's round: architecture from the run
+        model = models.load(cfg.model.student_checkpoint)
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    else:
+        model = models.load(checkpoint)
+    with console.status("making the snapshot (prune, recover, export, quantize, gate)"):
+        result = make_snapshot(model, cfg, round_, str(checkpoint), registry_for(cfg))
+    m = result.manifest
+    verdict = "[green]published[/]" if result.published else f"[red]rejected[/]: {result.reason}"
+    console.print(f"{m.version} {verdict}\n  params {result.params_dense:,} -> {result.params_pruned:,}, "
+                  f"{result.int8_convs} int8 / {result.float_convs} float convs, {m.size / 1e6:.2f} MB, "
+                  f"{m.latency_ms:.2f} ms\n  mAP50 fp32 {m.map50_fp32:.3f} -> int8 {m.map50_int8:.3f}")
 
 
 @app.command("dashboard")
