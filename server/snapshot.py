@@ -66,8 +66,8 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry)
     settings = task.nms_settings(cfg)
     # 1. prune a copy (federated training goes on with the dense model), then recover with the dense as teacher
     pruned = prune(dense, s.prune_ratio, imgsz, s.round_to)
-    if s.recover_epochs > 0:
-        spec = TrainSpec.central(cfg.train, epochs=s.recover_epochs, lr=cfg.train.lr / 4, warmup_steps=0)
+    if s.recover_epochs > 0 and s.prune_ratio > 0:
+        spec = TrainSpec.central(cfg.train, epochs=s.recover_epochs, lr=cfg.train.lr / 2, warmup_steps=0)
         task.distill_fit(pruned, copy.deepcopy(dense), task.base_yaml(cfg), cfg, spec)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--run", default="runs/noniid_fedavg", help="a finished run: its last global student is used")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--sizes", default="320,640")
+    ap.add_argument("--prune-ratio", type=float, default=0.1)
     args = ap.parse_args()
     run = Path(args.run)
     cfg = load_config({**json.loads((run / "run_config.json").read_text()), "resume": True})
@@ -67,7 +68,7 @@ def main() -> None:
     names = [student.names[i] for i in sorted(student.names)]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        pruned = prune(student, cfg.snapshot.prune_ratio, cfg.data.imgsz, cfg.snapshot.round_to)
+        pruned = prune(student, args.prune_ratio, cfg.data.imgsz, cfg.snapshot.round_to)
         spec = TrainSpec.central(cfg.train, epochs=cfg.snapshot.recover_epochs, lr=cfg.train.lr / 2, warmup_steps=0)
         task.distill_fit(pruned, copy.deepcopy(student), task.base_yaml(cfg), cfg, spec)
         frames = calibration_frames(cfg)
@@ -76,9 +77,9 @@ def main() -> None:
             variants = {"teacher fp32 (untrained)": export_onnx(teacher, work / f"t{imgsz}.onnx", imgsz, {}),
                         "student fp32": export_onnx(student, work / f"s{imgsz}.onnx", imgsz, {}),
                         "pruned fp32": export_onnx(pruned, work / f"p{imgsz}.onnx", imgsz, {})}
-            variants["pruned int8"] = quantize(variants["pruned fp32"], work / f"q{imgsz}.onnx", frames, "x86") \
-                if imgsz == cfg.data.imgsz else None
-            variants = {k: v for k, v in variants.items() if v is not None}
+            if imgsz == cfg.data.imgsz:  # calibration frames exist at the training size only
+                variants["student int8"] = quantize(variants["student fp32"], work / "sq.onnx", frames, "x86")
+                variants["pruned int8"] = quantize(variants["pruned fp32"], work / f"q{imgsz}.onnx", frames, "x86")
             if imgsz == cfg.data.imgsz:
                 variants.update(ultralytics_exports(student, work, imgsz, task.base_yaml(cfg)))
             for name, path in variants.items():
@@ -93,12 +94,12 @@ def main() -> None:
             print(f"{r[0]:>5} {r[1]:<26}{r[2]:>4}{r[3]:>9.2f}{r[4]:>9.2f}{r[5]:>7.2f}{r[6]:>8.3f}")
         base = {(r[0], r[2]): r[3] for r in rows if r[1] == "ultralytics fp32"}
         for r in rows:
-            if r[1] == "pruned int8" and (r[0], r[2]) in base:
-                print(f"speed-up of the snapshot vs Ultralytics fp32 ONNX at {r[0]} px, {r[2]} thread(s): "
+            if r[1].endswith("int8") and not r[1].startswith("ultra") and (r[0], r[2]) in base:
+                print(f"speed-up of {r[1]} vs Ultralytics fp32 ONNX at {r[0]} px, {r[2]} thread(s): "
                       f"{base[(r[0], r[2])] / r[3]:.2f}x")
-        rep = inspect_optimized(work / f"q{cfg.data.imgsz}.onnx", work)
-        gflops = models.gflops(pruned, cfg.data.imgsz)
-        best = min(r[3] for r in rows if r[1] == "pruned int8")
+        rep = inspect_optimized(work / "sq.onnx", work)
+        gflops = models.gflops(student, cfg.data.imgsz)
+        best = min(r[3] for r in rows if r[1] == "student int8")
         # Ultralytics counts 2 ops per multiply-accumulate; almost all of them run in the int8 convs.
         print(f"int8 graph: {rep.int8_convs} int8 convs, {rep.float_convs} float; {gflops:.2f} GOPs per frame -> "
               f"{gflops / (best / 1000):.1f} GOPS achieved at the best p50 ({best:.2f} ms)")
