@@ -41,7 +41,8 @@ def ultralytics_exports(student, work: Path, imgsz: int, data_yaml: Path) -> dic
 
     pt = work / "student_ul.pt"
     torch.save({"model": copy.deepcopy(student).half(), "train_args": {"imgsz": imgsz, "task": "detect"}}, pt)
-    out = {"ultralytics fp32": Path(YOLO(str(pt)).export(format="onnx", imgsz=imgsz, opset=17))}
+    fp32 = Path(YOLO(str(pt)).export(format="onnx", imgsz=imgsz, opset=17))
+    out = {"ultralytics fp32": fp32.rename(work / "ultralytics_fp32.onnx")}  # the int8 export reuses the name
     try:
         q = YOLO(str(pt)).export(format="onnx", imgsz=imgsz, int8=True, data=str(data_yaml))
         out["ultralytics int8"] = Path(q)
