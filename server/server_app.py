@@ -11,6 +11,7 @@ import shared  # noqa: F401  (offline environment first)
 from server.run import FederatedRun
 from server.strategies import make_strategy
 from shared.config import load_config
+from shared.task import set_threads
 
 app = ServerApp()
 log = logging.getLogger("fedcam.server")
@@ -19,7 +20,7 @@ log = logging.getLogger("fedcam.server")
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = load_config(context.run_config)
-    task_threads(cfg)
+    set_threads(cfg.train.threads)
     run = FederatedRun(cfg)
     strategy = make_strategy(cfg.fed, run.bus, cfg.seed, round_offset=run.done)
     strategy.load_state_arrays(run.state)
@@ -34,8 +35,3 @@ def main(grid: Grid, context: Context) -> None:
     final = result.evaluate_metrics_serverapp
     run.bus.emit("run_end", cfg.fed.rounds, central={r: dict(m) for r, m in final.items()})
 
-
-def task_threads(cfg) -> None:
-    from shared.task import set_threads
-
-    set_threads(cfg.train.threads)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import shared  # noqa: F401
 from shared import models, task

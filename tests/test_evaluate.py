@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from shared.evaluate import TorchPredictor, evaluate, match

@@ -27,7 +27,6 @@ def reply(arrays: ArrayRecord, node: int, examples: int = 10, error: str | None 
         msg = Message(Error(code=0, reason=error), reply_to=ask)
     else:
         msg = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": examples})}), reply_to=ask)
-    msg.metadata.__dict__["_src_node_id"] = node  # a reply's source: the node it was sent to
     return msg
 
 

@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
