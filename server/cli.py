@@ -193,7 +193,7 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
     """Run a local multi-camera federation on Flower's Simulation Engine (world and base student made if missing)."""
     from rich.live import Live
 
-    from server import simulation
+    from server import simulation, warmstart
     from server.events import read_events
 
     if resume:
@@ -203,7 +203,7 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
         cfg = config_from(sets, scenario_overrides(scenario), **{"data.cameras": cameras, "fed.rounds": rounds,
                           "fed.strategy": strategy, "run-dir": str(run_dir) if run_dir else None})
     with progress_bar() as bar:
-        cfg = simulation.prepare(cfg, console, train_progress(bar, "base student"))
+        cfg = warmstart.prepare(cfg, console, lambda name: train_progress(bar, name))
     events = Path(cfg.run_dir) / "events.jsonl"
     console.print(f"simulating {cfg.data.cameras} cameras, {cfg.fed.rounds} rounds of {cfg.fed.strategy} "
                   f"in [bold]{cfg.run_dir}[/] (log: {Path(cfg.run_dir) / 'simulation.log'})")
@@ -261,7 +261,7 @@ def baseline_cmd(kind: str = typer.Argument(..., help="local (each camera alone)
                  run_dir: Optional[Path] = typer.Option(None),
                  scenario: Optional[Path] = typer.Option(None), sets: Optional[list[str]] = SetOpt):
     """Baselines in the federated harness, same local optimizer and budget per round, same event log."""
-    from server import baselines, simulation
+    from server import baselines, warmstart
     from server.events import read_events
 
     if kind not in ("local", "central"):
@@ -269,7 +269,7 @@ def baseline_cmd(kind: str = typer.Argument(..., help="local (each camera alone)
     cfg = config_from(sets, scenario_overrides(scenario), **{"data.cameras": cameras, "fed.rounds": rounds,
                       "run-dir": str(run_dir) if run_dir else None})
     with progress_bar() as bar:
-        cfg = simulation.prepare(cfg, console, train_progress(bar, "base student"))
+        cfg = warmstart.prepare(cfg, console, lambda name: train_progress(bar, name))
     (baselines.local_only if kind == "local" else baselines.centralized)(cfg, Path(cfg.model.student_checkpoint))
     console.print(rounds_table(read_events(Path(cfg.run_dir) / "events.jsonl")))
 

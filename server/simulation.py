@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -17,7 +16,6 @@ from shared.env import OFFLINE_ENV, ray_home
 
 APP_DIR = PYPROJECT.parent
 PATH_KEYS = ("data.root", "model.student-checkpoint", "model.teacher-checkpoint")
-BASE_KEYS = ("seed", "data.classes", "data.imgsz", "data.base-train", "data.base-val")
 
 
 def backend_config(cfg: Config) -> dict:
@@ -120,34 +118,3 @@ def _worker(run_dir: Path, num_nodes: int) -> None:
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]), int(sys.argv[2]))
-
-
-def prepare(cfg: Config, console=None, progress=None) -> Config:
-    """Make what a simulation needs and is missing: the camera world and a base-trained starting student."""
-    from shared import task
-
-    d = cfg.data
-    say = console.print if console else print
-    say(f"camera world in {d.root} ({d.cameras} cameras; generated if missing)")
-    task.ensure_world(cfg)
-    if cfg.model.student_checkpoint:
-        return cfg
-    # Keyed by everything the base student depends on, so a changed world or recipe never reuses a stale one.
-    recipe = {k: v for k, v in to_flat(cfg).items() if k.split(".")[0] in ("model", "train") or k in BASE_KEYS}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(d.root) / "models" / f"student_base_{key}.pt"
-    if not path.exists():
-        say(f"training the starting student on the base domain ({cfg.train.epochs} epochs) -> {path}")
-        pretrain_student(cfg, path, progress)
-    return cfg.replace(**{"model.student-checkpoint": str(path)})
-
-
-def pretrain_student(cfg: Config, path: Path, progress=None) -> Path:
-    """The server's own starting point: the student trained centrally on its labelled base domain."""
-    from shared import models, task
-    from shared.train import TrainSpec
-
-    base = task.base_yaml(cfg)
-    student = models.build_student(cfg.model, task.names_of(base))
-    task.fit(student, base, cfg, TrainSpec.central(cfg.train), progress=progress)
-    return models.save(student, path, data=str(base), epochs=cfg.train.epochs)

@@ -37,6 +37,7 @@ class ModelConfig:
     teacher_scale: str
     student_checkpoint: str
     teacher_checkpoint: str
+    start: str
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class FedConfig:
     strategy: str
     fraction_train: float
     fraction_evaluate: float
+    evaluate_in_train: bool
     min_nodes: int
     local_epochs: int
     local_steps: int

@@ -93,7 +93,7 @@ def main() -> None:
     # Overhead: the same local work (same steps, same threads) done directly, no Flower, no Ray.
     cfg = load_config({**scenario_overrides(SCENARIO), "fed.rounds": args.rounds})
     from client.task import local_evaluate, local_finetune
-    from server.simulation import prepare
+    from server.warmstart import prepare
 
     cfg = prepare(cfg)
     start = models.load(cfg.model.student_checkpoint)

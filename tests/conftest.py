@@ -61,22 +61,29 @@ GUARD = Path(__file__).parent / "egress_guard"
 
 
 def sim_cfg(tiny_cfg, world: Path, run_dir: Path, **flat):
-    from server import simulation
+    from server import warmstart
 
     cfg = tiny_cfg.replace(**{"data.root": str(world), "run-dir": str(run_dir), "fed.rounds": 2,
                               "fed.local-epochs": 1, "fed.local-lr": 0.01, "fed.round-timeout": 120.0, **flat})
-    return simulation.prepare(cfg)
+    return warmstart.prepare(cfg)
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, tiny_cfg, tiny_world):
+def egress_shim(tmp_path_factory) -> Path:
+    """The LD_PRELOAD shim that logs every connect/sendto off loopback (FEDCAM_EGRESS_LOG names the log)."""
+    shim = tmp_path_factory.mktemp("shim") / "connect_guard.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(shim), str(GUARD / "connect_guard.c"), "-ldl"],
+                   check=True)
+    return shim
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_cfg, tiny_world, egress_shim):
     """A real 2-camera, 2-round simulation (ending in a snapshot), every process under the LD_PRELOAD egress guard."""
     from server import simulation
 
     run_dir = tmp_path_factory.mktemp("run")
-    log, shim = run_dir / "egress.jsonl", run_dir / "connect_guard.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(shim), str(GUARD / "connect_guard.c"), "-ldl"],
-                   check=True)
+    log, shim = run_dir / "egress.jsonl", egress_shim
     cfg = sim_cfg(tiny_cfg, tiny_world, run_dir / "run")
     code = simulation.launch(cfg, 2, extra_env={"LD_PRELOAD": str(shim), "FEDCAM_EGRESS_LOG": str(log)},
                              timeout=300)
