@@ -60,10 +60,9 @@ def load_teacher(path: str):
 @functools.lru_cache(maxsize=8)
 def pseudo_labelled_pool(path: str, data_yaml: Path, cfg: Config) -> tuple:
     """The teacher's labels for this camera's unlabelled pool; computed once per process (the teacher is fixed)."""
-    from shared.data.dataset import read_data_yaml
     from shared.distill import pseudo_label
 
-    if "pool" not in read_data_yaml(data_yaml).splits:
+    if not split_size(data_yaml, "pool"):
         return ()
     loader = task.make_loader(data_yaml, "pool", cfg, False)
     return tuple(s for s in pseudo_label(load_teacher(path), loader, cfg.distill.pseudo_conf) if len(s.labels))
@@ -79,16 +78,29 @@ def local_finetune(model, data_yaml: Path, cfg: Config, config: Mapping[str, Any
                            proximal_mu=float(config.get("proximal-mu", 0.0)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seed = int(config.get("seed", cfg.seed))
+    # A device's frame store may hold only unlabelled frames: then the teacher's pseudo-labels are all it has.
+    labelled = data_yaml if split_size(data_yaml, "train") else []
+    pool = list(pseudo_labelled_pool(teacher, data_yaml, cfg)) if teacher else []
+    if not labelled and not pool:
+        raise NodeConfigError(f"{data_yaml}: no labelled train frames" + (
+            " and the teacher found nothing in the pool" if teacher else " and no teacher-path to pseudo-label its pool"))
     if teacher:
-        pool = list(pseudo_labelled_pool(teacher, data_yaml, cfg))
-        result = task.distill_fit(model, load_teacher(teacher), data_yaml, cfg, spec, seed, extra_samples=pool)
+        result = task.distill_fit(model, load_teacher(teacher), labelled, cfg, spec, seed, extra_samples=pool)
     else:
-        pool, result = [], task.fit(model, data_yaml, cfg, spec, seed=seed)
+        result = task.fit(model, labelled, cfg, spec, seed=seed)
     return {"num-examples": result.examples, "pseudo-labelled": len(pool), "loss": sum(result.losses) / max(1, len(result.losses)),
             "last-loss": result.losses[-1] if result.losses else 0.0, "steps": result.steps,
             "train-seconds": result.seconds, "update-norm": update_norm(before, model)}
 
 
+def split_size(data_yaml: Path, split: str) -> int:
+    from shared.data.dataset import read_data_yaml
+
+    return len(read_data_yaml(data_yaml).splits.get(split, []))
+
+
 def local_evaluate(model, data_yaml: Path, cfg: Config) -> dict[str, float]:
+    if not split_size(data_yaml, "val"):  # a frame store without labelled val frames: weight 0 in the average
+        return {"num-examples": 0, "map50": 0.0, "map": 0.0}
     result = task.score(model, data_yaml, cfg, "val")
     return {"num-examples": result.images, "map50": result.map50, "map": result.map}

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_runtime_imports_neither_torch_nor_flwr():
-    code = ("import sys, client.runtime.cli, client.runtime.agent, client.runtime.detector; "
+    code = ("import sys, client.runtime.cli, client.runtime.agent, client.runtime.detector, client.runtime.collector; "
             "bad = [m for m in ('torch', 'flwr', 'ultralytics') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -1,4 +1,4 @@
-"""`fedcam-device`: detect with a snapshot, or run the update agent on a frame source (numpy/onnxruntime/cv2 only)."""
+"""`fedcam-device`: detect with a snapshot, run the update agent, or collect frames for training (numpy/onnxruntime/cv2 only)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,14 @@ def cmd_run(args) -> None:
         stop.set()
 
 
+def cmd_collect(args) -> None:
+    from client.runtime.collector import FrameStore, collect
+
+    store = FrameStore(args.store, [n.strip() for n in args.names.split(",") if n.strip()], args.max_frames)
+    n = collect(frames(args.source), store, args.every, args.min_change, args.max_new)
+    logging.info("stored %d new frames; %s holds %d (bound %d)", n, store.pool, len(store.frames()), args.max_frames)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     ap = argparse.ArgumentParser(prog="fedcam-device", description=__doc__)
@@ -128,8 +136,16 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--key", required=True, help="the server's public key (PEM), pinned at install time")
     run.add_argument("--poll", type=float, default=30.0, help="seconds between update checks")
     run.add_argument("--loop", action="store_true", help="replay the source forever (files)")
+    col = sub.add_parser("collect", help="sample frames of a camera or video into a bounded local store")
+    col.add_argument("--source", required=True, help="video file, camera index, RTSP URL or folder")
+    col.add_argument("--store", type=Path, required=True, help="store folder: the SuperNode's data-path")
+    col.add_argument("--names", required=True, help="class names, comma separated (as the server's model)")
+    col.add_argument("--max-frames", type=int, default=500, help="bound of the pool; oldest frames go first")
+    col.add_argument("--every", type=float, default=2.0, help="seconds between stored frames")
+    col.add_argument("--min-change", type=float, default=4.0, help="mean grey-level change to count as new")
+    col.add_argument("--max-new", type=int, default=None, help="stop after storing this many frames")
     args = ap.parse_args(argv)
-    (cmd_detect if args.cmd == "detect" else cmd_run)(args)
+    {"detect": cmd_detect, "run": cmd_run, "collect": cmd_collect}[args.cmd](args)
 
 
 if __name__ == "__main__":
