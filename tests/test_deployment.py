@@ -1,0 +1,107 @@
+"""Flower's Deployment Engine on loopback: TLS, node auth, 2 SuperNodes, a killed-and-restarted node, all by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from server.events import read_events
+from server.loopback import Loopback
+from shared.config import to_flat
+from conftest import sim_cfg
+
+pytestmark = pytest.mark.slow
+
+
+def free_port_block() -> int:
+    """A port p with p, p+10, p+11 and p+19 free on 127.0.0.1 (SuperLink, two SuperNodes, the intruder)."""
+    for _ in range(50):
+        base = random.randint(30000, 45000)
+        try:
+            for offset in (0, 10, 11, 19):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port block")
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def kinds(run_dir: Path, kind: str) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    return [e for e in read_events(path) if e["kind"] == kind] if path.exists() else []
+
+
+@pytest.mark.timeout(1500)
+def test_deployment_tls_auth_two_rounds_with_a_node_killed_and_restarted(tmp_path, tiny_cfg, tiny_world, egress_shim):
+    run_dir = tmp_path / "run"
+    cfg = sim_cfg(tiny_cfg, tiny_world, run_dir, **{"fed.round-timeout": 240.0, "snapshot.recover-epochs": 0,
+                                                    "snapshot.tolerance": 1.0})  # gating is tested elsewhere
+    flat = {k: v for k, v in to_flat(cfg).items() if k != "resume"}
+    egress = tmp_path / "egress.jsonl"
+    env = {"LD_PRELOAD": str(egress_shim), "FEDCAM_EGRESS_LOG": str(egress)}
+    cams = {f"cam0{i}": {"data-path": str(tiny_world / f"cam0{i}" / "data.yaml")} for i in range(2)}
+    started: list[int] = []
+    with Loopback(tmp_path / "deploy", free_port_block(), Path(sys.executable).parent, env) as lb:
+        lb.make_pki([*cams, "intruder"])
+        started.append(lb.start_superlink().pid)
+        for name in cams:
+            lb.register(name)
+        for i, (name, node_config) in enumerate(cams.items()):
+            started.append(lb.start_supernode(name, i, node_config).pid)
+
+        # An unregistered key is refused by node authentication and gives up (bounded retries).
+        intruder = lb.start_supernode("intruder", 9, cams["cam00"], max_retries=1)
+        started.append(intruder.pid)
+        assert intruder.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in (lb.work / "intruder.log").read_text()
+        assert "No SuperNode found with the given public key" in (lb.work / "superlink.log").read_text()
+
+        run_id = lb.submit(flat)
+        wait_for(lambda: kinds(run_dir, "train_result"), 600, "round 1's client updates")
+        lb.kill("cam01")  # SIGKILL mid-run: no goodbye to the SuperLink
+        restarted = lb.restart_supernode("cam01", 1, cams["cam01"])
+        started.append(restarted.pid)
+        try:
+            wait_for(lambda: kinds(run_dir, "run_end"), 900, "the end of the run", every=2.0)
+        finally:
+            lb.stop_run(run_id)
+
+        ends = {e["round"]: e["data"]["central"] for e in kinds(run_dir, "round_end")}
+        assert set(ends) == {0, 1, 2}
+        trains = kinds(run_dir, "train_result")
+        assert [t["round"] for t in trains] == [1, 2] and [t["data"]["accepted"] for t in trains] == [2, 2]
+        snap = wait_for(lambda: kinds(run_dir, "snapshot"), 300, "the snapshot")[0]
+        assert snap["round"] == 2 and snap["data"]["published"], snap["data"]
+        latest = json.loads((run_dir / "snapshots" / "latest.json").read_text())
+        assert latest["version"] == snap["data"]["version"]
+    # Every process group we started is gone: SuperLink with its ServerApp, SuperNodes with their ClientApps.
+    alive = [p.pid for p in psutil.process_iter() if _pgid(p.pid) in started]
+    assert alive == []
+    records = [json.loads(line) for line in egress.read_text().splitlines()] if egress.exists() else []
+    assert records and [r for r in records if not r["allowed"]] == []
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
