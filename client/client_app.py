@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import psutil
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -14,17 +15,26 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.time()
     from client import task as ctask  # torch/Ultralytics load on first message, not at import
     from shared.arrays import to_record
     from shared.config import load_config
 
-    started = time.time()
+    imported = time.time()
     cfg = load_config(context.run_config)
     config = msg.content["config"]
     model = ctask.global_model(msg.content["arrays"], config)
-    metrics = ctask.local_finetune(model, ctask.node_data(context.node_config, cfg), cfg, config,
+    data = ctask.node_data(context.node_config, cfg)
+    # The received global model's score on this camera: Flower's evaluate stage without a second message.
+    before = ctask.local_evaluate(model, data, cfg) if config.get("evaluate-first", False) else {}
+    metrics = ctask.local_finetune(model, data, cfg, config,
                                    teacher=ctask.teacher_path(context.node_config, cfg))
+    metrics.update({f"global-{k}": v for k, v in before.items()})
     metrics["seconds"] = time.time() - started
+    # Where a message's time goes outside training: the process' age when the message arrived (a fresh
+    # ClientApp process per message under a SuperNode; a long-lived worker in simulation) and the task imports.
+    metrics["process-age"] = started - psutil.Process().create_time()
+    metrics["import-seconds"] = imported - started
     return Message(RecordDict({"arrays": to_record(model), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

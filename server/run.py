@@ -57,7 +57,8 @@ class FederatedRun:
         """What every client needs to rebuild the global model and train it this round."""
         f = self.cfg.fed
         return ConfigRecord({"model-yaml": json.dumps(self.model.yaml), "names": self.names,
-                             "lr": f.local_lr, "local-epochs": f.local_epochs, "local-steps": f.local_steps})
+                             "lr": f.local_lr, "local-epochs": f.local_epochs, "local-steps": f.local_steps,
+                             "evaluate-first": f.evaluate_in_train})
 
     def evaluate_config(self) -> ConfigRecord:
         return ConfigRecord({"model-yaml": json.dumps(self.model.yaml), "names": self.names})

@@ -29,6 +29,9 @@ def test_two_cameras_two_rounds(tiny_run):
     trains = by_kind(run_dir, "train_result")
     assert [t["data"]["accepted"] for t in trains] == [2, 2]
     assert all(c["ok"] and c["metrics"]["num-examples"] > 0 for t in trains for c in t["data"]["clients"])
+    # evaluate-in-train: each client scored the model it received on its own val split, in the same message
+    assert all(0.0 <= c["metrics"]["global-map50"] <= 1.0 and c["metrics"]["global-num-examples"] > 0
+               for t in trains for c in t["data"]["clients"])
     assert RunCheckpoints(run_dir).progress().round == 2
     assert by_kind(run_dir, "run_end")
     (snap,) = by_kind(run_dir, "snapshot")  # the last round's round-event hook made a snapshot
