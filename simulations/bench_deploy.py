@@ -1,0 +1,84 @@
+"""Round time of the same federated work on Flower's Simulation Engine vs its Deployment Engine (loopback, TLS)."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import shared  # noqa: F401
+from server import simulation
+from server.events import read_events
+from server.loopback import Loopback
+from server.warmstart import prepare
+from shared.config import load_config, to_flat
+
+
+def phases(run_dir: Path) -> dict[str, float]:
+    """Median per round: whole round, train phase (sent -> all updates back), and the clients' own figures."""
+    ev = read_events(run_dir / "events.jsonl")
+    ends = {e["round"]: e["time"] for e in ev if e["kind"] == "round_end"}
+    starts = {e["round"]: e["time"] for e in ev if e["kind"] == "round_start"}
+    trains = {e["round"]: e for e in ev if e["kind"] == "train_result"}
+    rounds = sorted(r for r in trains if r - 1 in ends and r in ends)
+    clients = [c["metrics"] for r in rounds for c in trains[r]["data"]["clients"] if c["ok"]]
+
+    def med(values):
+        return statistics.median(values) if values else float("nan")
+
+    return {"round": med([ends[r] - ends[r - 1] for r in rounds]),
+            "train phase": med([trains[r]["time"] - starts[r] for r in rounds]),
+            "client handler": med([m["seconds"] for m in clients]),
+            "client training": med([m["train-seconds"] for m in clients]),
+            "client imports": med([m.get("import-seconds", float("nan")) for m in clients]),
+            "process age at message": med([m.get("process-age", float("nan")) for m in clients])}
+
+
+def deployed(cfg, cameras: int, work: Path, timeout: float) -> Path:
+    run_dir = Path(cfg.run_dir)
+    flat = {k: v for k, v in to_flat(cfg).items() if k != "resume"}
+    with Loopback(work, 29391, Path(sys.executable).parent) as lb:
+        names = [f"cam{k:02d}" for k in range(cameras)]
+        lb.make_pki(names)
+        lb.start_superlink()
+        for i, name in enumerate(names):
+            lb.register(name)
+            lb.start_supernode(name, i, {"data-path": str(Path(cfg.data.root, name, "data.yaml").resolve())})
+        run_id = lb.submit(flat)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not any(e["kind"] in ("run_end", "run_error")
+                                                      for e in read_events(run_dir / "events.jsonl")):
+            time.sleep(2)
+        lb.stop_run(run_id)
+    return run_dir
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--world", default="data/bench_world")
+    ap.add_argument("--cameras", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--out", default="runs/bench_deploy")
+    ap.add_argument("--timeout", type=float, default=1800)
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    common = {"data.root": args.world, "data.cameras": args.cameras, "fed.rounds": args.rounds,
+              "snapshot.enabled": False, "train.threads": 1, "fed.round-timeout": 600.0}
+    base = prepare(load_config({**common, "train.epochs": 30, "train.threads": 2}))
+    stamp = time.strftime("%H%M%S")
+    cfg = base.replace(**common, **{"run-dir": str(out / f"sim_{stamp}")})
+    code = simulation.launch(cfg, args.cameras, timeout=args.timeout)
+    rows = {"simulation": phases(Path(cfg.run_dir))} if code == 0 else {}
+    dcfg = base.replace(**common, **{"run-dir": str(out / f"deploy_{stamp}")})
+    rows["deployment"] = phases(deployed(dcfg, args.cameras, out / f"loopback_{stamp}", args.timeout))
+    print(f"\n{args.cameras} cameras, {args.rounds} rounds, median seconds per round (simulation exit code {code})")
+    keys = list(next(iter(rows.values())))
+    print(f"{'':<26}" + "".join(f"{k:>14}" for k in rows))
+    for k in keys:
+        print(f"{k:<26}" + "".join(f"{r[k]:>14.2f}" for r in rows.values()))
+
+
+if __name__ == "__main__":
+    main()
