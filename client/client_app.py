@@ -17,7 +17,7 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     started = time.time()
     from client import task as ctask  # torch/Ultralytics load on first message, not at import
-    from shared.arrays import to_record
+    from shared.arrays import is_packed, pack, to_record
     from shared.config import load_config
 
     imported = time.time()
@@ -35,7 +35,9 @@ def train(msg: Message, context: Context) -> Message:
     # ClientApp process per message under a SuperNode; a long-lived worker in simulation) and the task imports.
     metrics["process-age"] = started - psutil.Process().create_time()
     metrics["import-seconds"] = imported - started
-    return Message(RecordDict({"arrays": to_record(model), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    reply = to_record(model)
+    reply = pack(reply) if is_packed(msg.content["arrays"]) else reply  # answer in the format it came in
+    return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

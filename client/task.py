@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import torch
 
 from shared import models, task
-from shared.arrays import to_state_dict
+from shared.arrays import is_packed, layout_of, to_record, to_state_dict, unpack
 from shared.config import Config
 from shared.train import TrainSpec
 
@@ -35,6 +35,8 @@ def node_data(node_config: Mapping[str, Any], cfg: Config) -> Path:
 def global_model(arrays, config: Mapping[str, Any]):
     """Rebuild the student the server sent: its yaml and class names travel in the config record."""
     model = models.build(json.loads(str(config["model-yaml"])), list(config["names"]))
+    if is_packed(arrays):  # the layout is this model's own: the server built it from the same yaml
+        arrays = unpack(arrays, layout_of(to_record(model)))
     model.load_state_dict(to_state_dict(arrays))
     return model
 

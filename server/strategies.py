@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum)
 
 from server.events import ClientOutcome, EventBus
-from shared.arrays import UpdateError, check_compatible, to_state_dict
+from shared.arrays import UpdateError, check_compatible, is_packed, layout_of, pack, to_state_dict, unpack
 from shared.config import FedConfig
 
 log = logging.getLogger("fedcam.server")
@@ -42,6 +42,9 @@ class FedcamMixin:
         self._bytes_down = arrays.count_bytes()
         config["seed"] = self.seed * 100_003 + rnd
         messages = list(super().configure_train(rnd, arrays, config, grid))
+        self._layout, wire = layout_of(arrays), pack(arrays)  # one array per dtype on the wire (see shared/arrays)
+        for m in messages:
+            m.content["arrays"] = wire
         self._sampled = [m.metadata.dst_node_id for m in messages]
         self._round_start = time.time()
         self.bus.emit("round_start", rnd, sampled=self._sampled, available=len(list(grid.get_node_ids())))
@@ -93,7 +96,10 @@ class FedcamMixin:
             try:
                 if not msg.content.array_records:
                     raise UpdateError("reply carries no weights")
-                record = next(iter(msg.content.array_records.values()))
+                key, record = next(iter(msg.content.array_records.items()))
+                if is_packed(record):
+                    record = unpack(record, self._layout)
+                    msg.content[key] = record  # Flower's aggregation sees per-tensor arrays again
                 metrics["update-norm-server"] = check_compatible(self._reference, record, self.max_update_norm)
             except UpdateError as err:
                 log.warning("round update from node %d rejected: %s", node, err)

@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 
 class UpdateError(ValueError):
@@ -47,3 +47,47 @@ def check_compatible(reference: dict[str, torch.Tensor], record: ArrayRecord, ma
     if max_norm is not None and norm > max_norm:
         raise UpdateError(f"update norm {norm:.3g} exceeds the bound {max_norm:.3g}")
     return norm
+
+
+# --- wire format -------------------------------------------------------------------------------------------
+# Flower moves every Array of a message as its own object, one HTTP request per object and hop (server ->
+# SuperLink -> SuperNode -> ClientApp and back). 355 tensors made that most of a deployed round, so messages
+# carry one flat array per dtype; both ends know the layout (the model's own state_dict order).
+PACKED_PREFIX = "packed."
+
+
+def is_packed(record: ArrayRecord) -> bool:
+    return bool(len(record)) and all(k.startswith(PACKED_PREFIX) for k in record)
+
+
+def layout_of(record: ArrayRecord) -> list[tuple[str, tuple[int, ...], str]]:
+    """(key, shape, dtype) of every tensor, in order: what unpack() needs."""
+    return [(k, tuple(a.shape), str(a.dtype)) for k, a in record.items()]
+
+
+def pack(record: ArrayRecord) -> ArrayRecord:
+    """One flat array per dtype, concatenated in key order (exact: no conversion)."""
+    groups: dict[str, list[np.ndarray]] = {}
+    for _, arr in record.items():
+        value = arr.numpy()
+        groups.setdefault(str(value.dtype), []).append(value.reshape(-1))
+    return ArrayRecord(OrderedDict((PACKED_PREFIX + d, Array(np.concatenate(parts))) for d, parts in groups.items()))
+
+
+def unpack(packed: ArrayRecord, layout: list[tuple[str, tuple[int, ...], str]]) -> ArrayRecord:
+    """The per-tensor record again; UpdateError if the flat arrays do not fit the layout exactly."""
+    need: dict[str, int] = {}
+    for _, shape, dtype in layout:
+        need[dtype] = need.get(dtype, 0) + int(np.prod(shape, dtype=np.int64))
+    have = {k[len(PACKED_PREFIX):]: packed[k].numpy() for k in packed}
+    if set(have) != set(need):
+        raise UpdateError(f"packed dtypes {sorted(have)} != expected {sorted(need)}")
+    for dtype, n in need.items():
+        if have[dtype].ndim != 1 or have[dtype].size != n or str(have[dtype].dtype) != dtype:
+            raise UpdateError(f"packed {dtype}: {have[dtype].size} values of {have[dtype].dtype}, expected {n}")
+    offsets, out = dict.fromkeys(need, 0), OrderedDict()
+    for key, shape, dtype in layout:
+        n = int(np.prod(shape, dtype=np.int64))
+        out[key] = Array(np.array(have[dtype][offsets[dtype]:offsets[dtype] + n].reshape(shape), copy=True))
+        offsets[dtype] += n
+    return ArrayRecord(out)

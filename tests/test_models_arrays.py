@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shared import models
-from shared.arrays import UpdateError, check_compatible, to_record, to_state_dict
+from shared.arrays import UpdateError, check_compatible, is_packed, layout_of, pack, to_record, to_state_dict, unpack
 
 
 def test_student_is_tiny_and_teacher_larger(tiny_cfg, tiny_student):
@@ -88,3 +88,14 @@ def test_checkpoint_with_code_is_refused(tmp_path):
         models.load(tmp_path / "trunc.pt")
     with pytest.raises(models.CheckpointError, match="not found"):
         models.load(tmp_path / "missing.pt")
+
+
+def test_packed_wire_format_is_exact_and_checked(tiny_student):
+    record = to_record(tiny_student)
+    wire = pack(record)
+    assert is_packed(wire) and not is_packed(record) and len(wire) == 2  # float32 and int64
+    back = to_state_dict(unpack(wire, layout_of(record)))
+    assert list(back) == list(tiny_student.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in tiny_student.state_dict().items())
+    with pytest.raises(UpdateError, match="packed float32"):
+        unpack(wire, layout_of(record)[:-5])

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 
 from server.events import EventBus
 from server.strategies import BASES, make_strategy
-from shared.arrays import to_record, to_state_dict
+from shared.arrays import layout_of, pack, to_record, to_state_dict
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +36,7 @@ def prepared(name: str, tiny_cfg, global_arrays: ArrayRecord, events: list):
     # What configure_train records before messages go out (it needs a live Grid to run for real).
     strategy._reference = to_state_dict(global_arrays)
     strategy._dtypes = {k: a.numpy().dtype for k, a in global_arrays.items()}
+    strategy._layout = layout_of(global_arrays)
     strategy._sampled, strategy._round_start = [1, 2, 3, 4], 0.0
     strategy.current_arrays = {k: a.numpy() for k, a in global_arrays.items()} if name == "fedadam" else global_arrays
     return strategy
@@ -53,8 +54,9 @@ def test_strategy_aggregates_only_valid_updates(name, tiny_cfg, tiny_student):
     key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 4)
     nan = {k: v.clone() for k, v in state.items()}
     nan[key][0] = float("nan")
-    replies = [reply(shifted(state, 0.01), 1), reply(shifted(state, 0.03), 2),
-               reply(to_record(nan), 3), reply(global_arrays, 4, error="camera offline")]
+    # Node 1 and the NaN node answer in the packed wire format, node 2 per tensor: both are understood.
+    replies = [reply(pack(shifted(state, 0.01)), 1), reply(shifted(state, 0.03), 2),
+               reply(pack(to_record(nan)), 3), reply(global_arrays, 4, error="camera offline")]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
     for k, a in arrays.items():  # dtypes survive averaging (num_batches_tracked stays an integer)
@@ -63,7 +65,8 @@ def test_strategy_aggregates_only_valid_updates(name, tiny_cfg, tiny_student):
     (event,) = [e for e in events if e.kind == "train_result"]
     outcomes = {c["node_id"]: c for c in event.data["clients"]}
     assert event.data["accepted"] == 2 and outcomes[1]["ok"] and outcomes[2]["ok"]
-    assert "NaN" in outcomes[3]["reason"] and "camera offline" in outcomes[4]["reason"]
+    assert "NaN" in outcomes[3]["reason"] and key in outcomes[3]["reason"]  # named after unpacking
+    assert "camera offline" in outcomes[4]["reason"]
 
 
 def test_unknown_strategy_is_named(tiny_cfg):
@@ -79,3 +82,12 @@ def test_too_large_update_is_rejected(tiny_cfg, tiny_student):
     assert arrays is None
     assert "exceeds the bound" in events[-1].data["clients"][0]["reason"]
     assert "no reply" in events[-1].data["clients"][-1]["reason"]  # sampled nodes 2-4 never answered
+
+
+def test_packed_update_of_the_wrong_size_is_rejected(tiny_cfg, tiny_student):
+    state, events = tiny_student.state_dict(), []
+    strategy = prepared("fedavg", tiny_cfg, to_record(state), events)
+    short = {k: v for k, v in list(state.items())[:-3]}
+    arrays, _ = strategy.aggregate_train(1, [reply(pack(to_record(short)), 1)])
+    assert arrays is None
+    assert "packed float32" in events[-1].data["clients"][0]["reason"]
