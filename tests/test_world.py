@@ -116,7 +116,9 @@ def test_idempotent_and_regenerates_on_change(tmp_path):
     calls = []
     assert _make(tmp_path, cameras=2, progress=lambda *a: calls.append(a)) == first
     assert not calls and stamp == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
-    second = _make(tmp_path, cameras=1)  # different parameters: regenerated, stale camera removed
+    assert _make(tmp_path, cameras=1) == first  # fewer cameras of the same world: reused, nothing deleted
+    assert (tmp_path / "cam01").exists()
+    second = _make(tmp_path, cameras=1, camera_val=4)  # different parameters: regenerated, stale camera removed
     assert second["counts"]["cameras"] == 1 and not (tmp_path / "cam01").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "cam00", "world.json"]
 

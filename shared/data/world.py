@@ -267,6 +267,11 @@ def make_world(out: Path, names: list[str], cameras: int, seed: int, imgsz: int 
     old = json.loads((out / "world.json").read_text()) if (out / "world.json").exists() else {}
     if {k: old.get(k) for k in head} == head:
         return old
+    # Camera k is drawn from (seed, k) alone, so a world with more cameras already holds the one asked for:
+    # reuse it rather than delete cameras another run (or a benchmark) is still reading.
+    if old and {**old.get("counts", {}), "cameras": cameras} == counts and old["counts"]["cameras"] >= cameras \
+            and {k: old.get(k) for k in head if k != "counts"} == {k: v for k, v in head.items() if k != "counts"}:
+        return old
     world = {**head, "cameras": [_camera(seed, k, names) for k in range(cameras)]}
     plan = [("base", None, {"train": base_train, "val": base_val})] + [
         (d["name"], d if shift else None, {"train": camera_train, "val": camera_val, "pool": camera_pool})
