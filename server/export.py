@@ -23,6 +23,21 @@ TARGETS = {  # activations, weights: U8S8 fuses into real int8 kernels on x86; A
 }
 
 
+class LastAxisDFL(torch.nn.Module):
+    """Ultralytics' DFL decode with the softmax over the last axis: the same numbers, but onnxruntime runs a
+    Softmax over a middle axis by transposing around it, which cost ~11 % of the whole model here."""
+
+    def __init__(self, bins: int):
+        super().__init__()
+        self.c1 = bins
+        self.register_buffer("bins", torch.arange(bins, dtype=torch.float32).view(bins, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, a = x.shape
+        p = x.view(b, 4, self.c1, a).transpose(2, 3).softmax(-1)  # (b, 4, anchors, bins)
+        return (p @ self.bins).view(b, 4, a)
+
+
 def export_onnx(model: torch.nn.Module, path: Path, imgsz: int, metadata: dict[str, str]) -> Path:
     """Fused, single-output (B, 4 + nc, anchors) ONNX, simplified, with metadata Ultralytics' YOLO() reads."""
     import onnxslim
@@ -31,6 +46,8 @@ def export_onnx(model: torch.nn.Module, path: Path, imgsz: int, metadata: dict[s
     net.fuse(verbose=False)
     head = net.model[-1]
     head.export, head.format, head.dynamic = True, "onnx", False
+    if hasattr(head.dfl, "c1"):  # reg_max > 1 (reg_max 1 has an Identity here)
+        head.dfl = LastAxisDFL(head.dfl.c1)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         torch.onnx.export(net, torch.zeros(1, 3, imgsz, imgsz), str(path), opset_version=OPSET, dynamo=False,
@@ -86,8 +103,10 @@ def quantize(fp32: Path, out: Path, frames: np.ndarray, target: str = "x86", met
                              nodes_to_exclude=excluded)
         else:
             act, weight = TARGETS[target]
+            # Every op type, not just Conv: SiLU, Concat and Add then run as QLinear* ops between the int8 convs
+            # instead of dequantize/float/quantize round trips (measured 6.8 vs 8.1 ms at 1 thread, same mAP).
             quantize_static(str(pre), str(out), FrameReader(frames), quant_format=QuantFormat.QDQ,
-                            activation_type=act, weight_type=weight, per_channel=True, op_types_to_quantize=["Conv"],
+                            activation_type=act, weight_type=weight, per_channel=True, op_types_to_quantize=None,
                             nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
                             extra_options={"ActivationSymmetric": target == "arm64"})
     finally:
