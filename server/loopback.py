@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
+
+import psutil
 
 from shared.config import PYPROJECT
 from shared.env import OFFLINE_ENV
 
 APP_DIR = PYPROJECT.parent
 DEPLOY = APP_DIR / "deploy"  # the same scripts an operator runs on real machines
+
+
+def free_port_block(offsets: tuple[int, ...] = (0, 10, 11, 12, 13, 19)) -> int:
+    """A port p such that p + each offset is free on 127.0.0.1 (SuperLink, SuperNodes, an extra one)."""
+    for _ in range(50):
+        base = random.randint(30000, 45000)
+        try:
+            for offset in offsets:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free block of ports on 127.0.0.1")
 
 
 class DeploymentError(RuntimeError):
@@ -48,26 +67,25 @@ class Loopback:
         return proc
 
     def kill(self, name: str, sig: int = signal.SIGKILL, grace: float = 15.0) -> None:
-        """Signal the process group of `name` (its ClientApp/ServerApp children too); SIGKILL what outlives `grace`."""
+        """Signal `name` and every process it started, by PID: its process group and its descendants (the
+        SuperLink's SuperExec runs in a session of its own); SIGKILL whatever outlives `grace`."""
         proc = self.procs.pop(name, None)
         if proc is None:
             return
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
         for s, wait in ((sig, grace), (signal.SIGKILL, 5.0)):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, s)
-            except ProcessLookupError:
+            for p in family:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.send_signal(s)
+            _, alive = psutil.wait_procs(family, timeout=wait)
+            family = alive
+            if not alive:
                 break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:  # the whole group, not just its leader, must be gone
-                proc.poll()
-                try:
-                    os.killpg(proc.pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.2)
-            else:
-                continue
-            break
         proc.poll()
 
     def stop_all(self) -> None:
@@ -151,6 +169,27 @@ class Loopback:
         if out.returncode or not match:
             raise DeploymentError(f"flwr run failed: {(out.stdout + out.stderr)[-2000:]}")
         return int(match.group(1))
+
+    def status(self, run_id: int) -> tuple[str, str]:
+        """(status, details) of a run as the SuperLink reports it, e.g. ('finished:failed', 'ServerApp failed ...')."""
+        out = self._cli("list", "fleet", "--run-id", str(run_id), "--format", "json", timeout=60)
+        try:
+            run = json.loads(out.stdout)["runs"][0]
+        except (ValueError, KeyError, IndexError):
+            return "unknown", (out.stdout + out.stderr)[-500:]
+        return run.get("status", "unknown"), run.get("status-details", "")
+
+    def wait_run(self, run_id: int, timeout: float, every: float = 3.0) -> str:
+        """Wait (bounded) for the run to finish; its status. A failed ServerApp raises with Flower's details."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, details = self.status(run_id)
+            if status.startswith("finished"):
+                if status != "finished:completed":
+                    raise DeploymentError(f"run {run_id} {status}: {details}")
+                return status
+            time.sleep(every)
+        raise DeploymentError(f"run {run_id} did not finish within {timeout:.0f}s")
 
     def stop_run(self, run_id: int) -> None:
         self._cli("stop", str(run_id), "fleet", timeout=60)

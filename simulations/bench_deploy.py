@@ -11,7 +11,7 @@ from pathlib import Path
 import shared  # noqa: F401
 from server import simulation
 from server.events import read_events
-from server.loopback import Loopback
+from server.loopback import Loopback, free_port_block
 from server.warmstart import prepare
 from shared.config import load_config, to_flat
 
@@ -39,7 +39,9 @@ def phases(run_dir: Path) -> dict[str, float]:
 def deployed(cfg, cameras: int, work: Path, timeout: float) -> Path:
     run_dir = Path(cfg.run_dir)
     flat = {k: v for k, v in to_flat(cfg).items() if k != "resume"}
-    with Loopback(work, 29391, Path(sys.executable).parent) as lb:
+    for key in simulation.PATH_KEYS:  # the ServerApp runs elsewhere: relative paths would change meaning
+        flat[key] = str(Path(flat[key]).resolve()) if flat[key] else ""
+    with Loopback(work, free_port_block(), Path(sys.executable).parent) as lb:
         names = [f"cam{k:02d}" for k in range(cameras)]
         lb.make_pki(names)
         lb.start_superlink()
@@ -47,11 +49,10 @@ def deployed(cfg, cameras: int, work: Path, timeout: float) -> Path:
             lb.register(name)
             lb.start_supernode(name, i, {"data-path": str(Path(cfg.data.root, name, "data.yaml").resolve())})
         run_id = lb.submit(flat)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not any(e["kind"] in ("run_end", "run_error")
-                                                      for e in read_events(run_dir / "events.jsonl")):
-            time.sleep(2)
-        lb.stop_run(run_id)
+        try:
+            lb.wait_run(run_id, timeout)
+        finally:
+            lb.stop_run(run_id)
     return run_dir
 
 
@@ -62,11 +63,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default="runs/bench_deploy")
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--student", default="", help="starting student checkpoint (default: the cached distilled one)")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     common = {"data.root": args.world, "data.cameras": args.cameras, "fed.rounds": args.rounds,
               "snapshot.enabled": False, "train.threads": 1, "fed.round-timeout": 600.0}
-    base = prepare(load_config({**common, "train.epochs": 30, "train.threads": 2}))
+    base = prepare(load_config({**common, "train.epochs": 30, "train.threads": 2,
+                                "model.student-checkpoint": args.student}))
     stamp = time.strftime("%H%M%S")
     cfg = base.replace(**common, **{"run-dir": str(out / f"sim_{stamp}")})
     code = simulation.launch(cfg, args.cameras, timeout=args.timeout)

@@ -32,7 +32,8 @@ def size_row(name: str, net, imgsz: int) -> str:
     return f"{name:<10}{models.count_params(net):>12,}{models.gflops(net, imgsz):>10.2f}{mb:>9.2f}"
 
 
-def central_arms(cfg, teacher_path: Path, epochs: int, attention: float, out: Path) -> dict[str, Path]:
+def central_arms(cfg, teacher_path: Path, epochs: int, attention: float, out: Path,
+                 arms: list[str] | None = None) -> dict[str, Path]:
     """Train one student per arm from the same seed and init, same epochs and data; print base and camera mAP."""
     base = task.base_yaml(cfg)
     names = task.names_of(base)
@@ -48,6 +49,8 @@ def central_arms(cfg, teacher_path: Path, epochs: int, attention: float, out: Pa
     print(f"{'arm':<10}{'base mAP50':>12}{'base mAP':>10}{'cam mAP50':>11}{'cam mAP':>9}{'train s':>9}")
     paths = {}
     for arm, w in variants(attention).items():
+        if arms and arm not in arms:
+            continue
         acfg = cfg.replace(**{"train.epochs": epochs, **{f"distill.{k}": v for k, v in w.items()}})
         spec = TrainSpec.central(acfg.train)
         student = models.build_student(acfg.model, names)
@@ -100,6 +103,8 @@ def main() -> None:
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--out", default="runs/bench_distill")
     ap.add_argument("--skip-central", action="store_true", help="reuse OUT/student_all.pt")
+    ap.add_argument("--arms", default="", help="comma-separated subset of none,response,box,feature,attention,all")
+    ap.add_argument("--skip-federated", action="store_true")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -113,9 +118,12 @@ def main() -> None:
     if args.skip_central:
         student = (out / "student_all.pt").resolve()
     else:
-        student = central_arms(cfg, teacher, args.epochs, args.attention, out)["all"].resolve()
+        arms = [a for a in args.arms.split(",") if a]
+        central_arms(cfg, teacher, args.epochs, args.attention, out, arms)
+        student = (out / "student_all.pt").resolve()
     (out / "teacher.json").write_text(json.dumps({"teacher": str(teacher), "student": str(student)}))
-    federated_arms(student, teacher, args.rounds, args.local_epochs, out)
+    if not args.skip_federated:
+        federated_arms(student, teacher, args.rounds, args.local_epochs, out)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 import sys
 import time
 from pathlib import Path
@@ -14,25 +12,11 @@ import psutil
 import pytest
 
 from server.events import read_events
-from server.loopback import Loopback
+from server.loopback import Loopback, free_port_block
 from shared.config import to_flat
 from conftest import sim_cfg
 
 pytestmark = pytest.mark.slow
-
-
-def free_port_block() -> int:
-    """A port p with p, p+10, p+11 and p+19 free on 127.0.0.1 (SuperLink, two SuperNodes, the intruder)."""
-    for _ in range(50):
-        base = random.randint(30000, 45000)
-        try:
-            for offset in (0, 10, 11, 19):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + offset))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free port block")
 
 
 def wait_for(predicate, timeout: float, what: str, every: float = 1.0):
@@ -81,7 +65,7 @@ def test_deployment_tls_auth_two_rounds_with_a_node_killed_and_restarted(tmp_pat
         restarted = lb.restart_supernode("cam01", 1, cams["cam01"])
         started.append(restarted.pid)
         try:
-            wait_for(lambda: kinds(run_dir, "run_end"), 900, "the end of the run", every=2.0)
+            assert lb.wait_run(run_id, 900) == "finished:completed"
         finally:
             lb.stop_run(run_id)
 
@@ -94,7 +78,8 @@ def test_deployment_tls_auth_two_rounds_with_a_node_killed_and_restarted(tmp_pat
         latest = json.loads((run_dir / "snapshots" / "latest.json").read_text())
         assert latest["version"] == snap["data"]["version"]
     # Every process group we started is gone: SuperLink with its ServerApp, SuperNodes with their ClientApps.
-    alive = [p.pid for p in psutil.process_iter() if _pgid(p.pid) in started]
+    # (and nothing else whose command line points into this test's folder: SuperExecs, ServerApp, ClientApps)
+    alive = [p.pid for p in psutil.process_iter() if _pgid(p.pid) in started or str(tmp_path) in _cmdline(p)]
     assert alive == []
     records = [json.loads(line) for line in egress.read_text().splitlines()] if egress.exists() else []
     assert records and [r for r in records if not r["allowed"]] == []
@@ -105,3 +90,10 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
+
+
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return ""
