@@ -55,8 +55,10 @@ class FedcamMixin:
         replies = list(replies)
         good, outcomes = self._screen(replies)
         replied = {o.node_id for o in outcomes}
-        outcomes += [ClientOutcome(n, False, "no reply before the round timeout") for n in self._sampled
-                     if n not in replied]
+        # Error replies made by the SuperLink (e.g. "Node Unavailable") may not name the node they stand for.
+        unnamed = sum(o.node_id not in self._sampled for o in outcomes)
+        silent = [n for n in self._sampled if n not in replied][unnamed:]
+        outcomes += [ClientOutcome(n, False, "no reply before the round timeout") for n in silent]
         arrays, metrics = super().aggregate_train(rnd, good) if good else (None, None)
         if arrays is not None:
             arrays = self._restore(arrays)
