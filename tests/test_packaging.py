@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,7 +14,11 @@ ROOT = Path(shared.__file__).resolve().parents[1]
 
 
 def test_fab_holds_only_server_client_shared(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "flwr.cli.app", "build", "--app", str(ROOT)], cwd=tmp_path,
+    # Flower wants the app folder named like an app (letters, digits, hyphens); a checkout may be named
+    # anything, so build a copy of it (tests, simulations, deploy and docs included: they must stay out).
+    app = tmp_path / "fedcam"
+    shutil.copytree(ROOT, app, ignore=shutil.ignore_patterns(".venv", ".git", "data", "runs", "__pycache__"))
+    out = subprocess.run([sys.executable, "-m", "flwr.cli.app", "build", "--app", str(app)], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120, env={"FLWR_HOME": str(tmp_path / "flwr"),
                                                                             "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stdout + out.stderr
