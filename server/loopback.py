@@ -144,7 +144,8 @@ class Loopback:
                           settle: float = 8.0) -> subprocess.Popen:
         """Start a SuperNode again after a crash, as systemd's Restart= would: the SuperLink refuses to activate
         a node id it still believes online (until its heartbeat expires, ~1 min), and the SuperNode then exits
-        (Flower's exit code 305, 'Failed to activate SuperNode'); retry until it stays up for `settle` seconds (bounded by `timeout`)."""
+        (Flower's exit code 305, 'Failed to activate SuperNode'); retry until it stays up for `settle` seconds,
+        bounded by `timeout`."""
         deadline, log = time.monotonic() + timeout, self.work / f"{device}.log"
         while time.monotonic() < deadline:
             seen = log.stat().st_size if log.exists() else 0

@@ -38,7 +38,6 @@ class FedcamMixin:
         self._wait_for_nodes(grid)
         random.seed(self.seed * 100_003 + rnd)  # Flower samples with `random`: make it replayable on resume
         self._reference = to_state_dict(arrays)
-        self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
         self._bytes_down = arrays.count_bytes()
         config["seed"] = self.seed * 100_003 + rnd
         messages = list(super().configure_train(rnd, arrays, config, grid))
@@ -113,12 +112,12 @@ class FedcamMixin:
 
     def _restore(self, arrays: ArrayRecord) -> ArrayRecord:
         """Averaging turns integer buffers into floats and server optimizers can push BN variances below 0."""
-        out = {}
+        out, dtypes = {}, {k: d for k, _, d in self._layout}
         for key, arr in arrays.items():
             value = arr.numpy()
             if key.endswith("running_var"):
                 value = np.maximum(value, 1e-6)
-            dtype = self._dtypes[key]
+            dtype = np.dtype(dtypes[key])
             value = np.rint(value).astype(dtype) if np.issubdtype(dtype, np.integer) else value.astype(dtype)
             out[key] = Array(np.array(value, order="C"))  # not ascontiguousarray: it turns 0-d into 1-d
         return ArrayRecord(out)

@@ -11,15 +11,19 @@ from shared.config import Config, to_flat
 from shared.train import Progress
 
 BASE_KEYS = ("seed", "data.classes", "data.imgsz", "data.base-train", "data.base-val")
-# The world's camera data never touches the starting models, so only these parts of the config key them.
+# The world's camera data never touches the starting models, so only these parts of the config key them;
+# the thread count changes speed, not the recipe.
 TRAIN_SECTIONS = ("train",)
+NOT_RECIPE = ("train.threads",)
+DISTILL_RECIPE = ("distill.response", "distill.box", "distill.feature", "distill.attention", "distill.temperature")
 ProgressFor = Callable[[str], Progress]
 
 
 def recipe_key(cfg: Config, keys: tuple[str, ...], extra: dict | None = None) -> str:
     """A short hash of everything a cached model depends on, so a changed recipe never reuses a stale one."""
     flat = to_flat(cfg)
-    recipe = {k: v for k, v in flat.items() if k in keys or k.split(".")[0] in TRAIN_SECTIONS or k in BASE_KEYS}
+    recipe = {k: v for k, v in flat.items()
+              if (k in keys or k.split(".")[0] in TRAIN_SECTIONS or k in BASE_KEYS) and k not in NOT_RECIPE}
     return hashlib.sha256(json.dumps({**recipe, **(extra or {})}, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -35,7 +39,7 @@ def student_path(cfg: Config, teacher: Path | None) -> Path:
     keys = ("model.family", "model.student-scale", "model.student-width")
     if teacher is None:
         return models_dir(cfg) / f"student_base_{recipe_key(cfg, keys)}.pt"
-    distill = {k: v for k, v in to_flat(cfg).items() if k.startswith("distill.")}
+    distill = {k: v for k, v in to_flat(cfg).items() if k in DISTILL_RECIPE}
     return models_dir(cfg) / f"student_kd_{recipe_key(cfg, keys, {**distill, 'teacher': file_hash(teacher)})}.pt"
 
 

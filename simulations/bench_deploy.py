@@ -68,8 +68,7 @@ def main() -> None:
     out = Path(args.out).resolve()
     common = {"data.root": args.world, "data.cameras": args.cameras, "fed.rounds": args.rounds,
               "snapshot.enabled": False, "train.threads": 1, "fed.round-timeout": 600.0}
-    base = prepare(load_config({**common, "train.epochs": 30, "train.threads": 2,
-                                "model.student-checkpoint": args.student}))
+    base = prepare(load_config({**common, "train.epochs": 30, "model.student-checkpoint": args.student}))
     stamp = time.strftime("%H%M%S")
     cfg = base.replace(**common, **{"run-dir": str(out / f"sim_{stamp}")})
     code = simulation.launch(cfg, args.cameras, timeout=args.timeout)

@@ -35,7 +35,6 @@ def prepared(name: str, tiny_cfg, global_arrays: ArrayRecord, events: list):
     strategy = make_strategy(fed, EventBus([lambda e, a=None: events.append(e)]), seed=0)
     # What configure_train records before messages go out (it needs a live Grid to run for real).
     strategy._reference = to_state_dict(global_arrays)
-    strategy._dtypes = {k: a.numpy().dtype for k, a in global_arrays.items()}
     strategy._layout = layout_of(global_arrays)
     strategy._sampled, strategy._round_start = [1, 2, 3, 4], 0.0
     strategy.current_arrays = {k: a.numpy() for k, a in global_arrays.items()} if name == "fedadam" else global_arrays
