@@ -121,7 +121,7 @@ def student_from(spec: str, cfg: Config, names: list[str]):
 
         return models.build(yaml.safe_load(path.read_text()), names)
     width = cfg.model.student_width if spec == cfg.model.student_scale else None
-    return models.build(models.model_yaml(cfg.model.family, spec, width), names)
+    return models.build(models.model_yaml(cfg.model.family, spec, width, cfg.model.student_activation), names)
 
 
 @app.command("distill")

@@ -36,7 +36,7 @@ def teacher_path(cfg: Config) -> Path:
 
 
 def student_path(cfg: Config, teacher: Path | None) -> Path:
-    keys = ("model.family", "model.student-scale", "model.student-width")
+    keys = ("model.family", "model.student-scale", "model.student-width", "model.student-activation")
     if teacher is None:
         return models_dir(cfg) / f"student_base_{recipe_key(cfg, keys)}.pt"
     distill = {k: v for k, v in to_flat(cfg).items() if k in DISTILL_RECIPE}

@@ -34,6 +34,7 @@ class ModelConfig:
     family: str
     student_scale: str
     student_width: float
+    student_activation: str
     teacher_scale: str
     student_checkpoint: str
     teacher_checkpoint: str
@@ -75,6 +76,7 @@ class SnapshotConfig:
     prune_ratio: float
     round_to: int
     recover_epochs: int
+    float_layers: int
     target: str
     method: str
     calib_frames: int

@@ -12,6 +12,7 @@ import torch
 from shared.env import prepare_ultralytics
 
 prepare_ultralytics()
+from ultralytics.nn.modules import Conv  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel, yaml_model_load  # noqa: E402
 
 # Ultralytics' default loss gains (box, cls, dfl); the loss reads them from model.args.
@@ -23,8 +24,16 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit the model it is loaded into."""
 
 
-def model_yaml(family: str, scale: str, width: float | None = None) -> dict[str, Any]:
-    """The Ultralytics model dict for e.g. ('yolov8', 'n'), optionally narrowed to `width`."""
+# Activations a model yaml may name. Ultralytics eval()s the yaml's `activation` string, so only these pass.
+ACTIVATIONS = {"silu": None, "relu": "nn.ReLU()"}  # None: Ultralytics' default (SiLU)
+YAML_ACTIVATIONS = {"nn.ReLU()", "nn.SiLU()", "nn.ReLU6()", "nn.Hardswish()", "nn.LeakyReLU(0.1)", "nn.GELU()"}
+
+
+def model_yaml(family: str, scale: str, width: float | None = None, activation: str = "silu") -> dict[str, Any]:
+    """The Ultralytics model dict for e.g. ('yolov8', 'n'), optionally narrowed to `width` and with another
+    activation (ReLU folds into int8 convolutions; SiLU runs as two extra int8 ops per layer)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{activation}' ({', '.join(ACTIVATIONS)})")
     try:
         cfg = copy.deepcopy(yaml_model_load(f"{family}.yaml"))
     except FileNotFoundError:
@@ -36,19 +45,29 @@ def model_yaml(family: str, scale: str, width: float | None = None) -> dict[str,
         depth, _, max_ch = cfg["scales"][scale]
         cfg["scales"][scale] = [depth, float(width), max_ch]
     cfg.pop("yaml_file", None)
+    if ACTIVATIONS[activation]:
+        cfg["activation"] = ACTIVATIONS[activation]
     return cfg
 
 
 def build(cfg: dict[str, Any], names: list[str]) -> DetectionModel:
     """A fresh detector for `names` from a model dict; quiet, with loss gains set."""
-    model = DetectionModel(copy.deepcopy(cfg), nc=len(names), verbose=False)
+    act = cfg.get("activation")
+    if act is not None and act not in YAML_ACTIVATIONS:
+        raise CheckpointError(f"model activation {act!r} is not one of {sorted(YAML_ACTIVATIONS)}")
+    default_act = Conv.default_act
+    try:
+        model = DetectionModel(copy.deepcopy(cfg), nc=len(names), verbose=False)
+    finally:  # Ultralytics sets a yaml's activation on the Conv class itself: later models must not inherit it
+        Conv.default_act = default_act
     model.names = dict(enumerate(names))
     model.args = LOSS_GAINS
     return model
 
 
 def build_student(mcfg, names: list[str]) -> DetectionModel:
-    return build(model_yaml(mcfg.family, mcfg.student_scale, mcfg.student_width or None), names)
+    return build(model_yaml(mcfg.family, mcfg.student_scale, mcfg.student_width or None, mcfg.student_activation),
+                 names)
 
 
 def build_teacher(mcfg, names: list[str]) -> DetectionModel:

@@ -24,6 +24,22 @@ def test_unknown_scale_is_a_clear_error():
         models.model_yaml("yolov8", "q")
 
 
+def test_student_activation_stays_with_the_student(tiny_cfg, tmp_path):
+    from ultralytics.nn.modules import Conv
+
+    relu = models.build_student(tiny_cfg.replace(**{"model.student-activation": "relu"}).model, tiny_cfg.data.names)
+    teacher = models.build_teacher(tiny_cfg.model, tiny_cfg.data.names)  # built after: must not inherit ReLU
+    acts = lambda m: {type(c.act).__name__ for c in m.modules() if isinstance(c, Conv)}  # noqa: E731
+    assert acts(relu) == {"ReLU"} and acts(teacher) == {"SiLU"}
+    assert acts(models.load(models.save(relu, tmp_path / "s.pt"))) == {"ReLU"}  # the yaml carries it
+    silu = models.build_student(tiny_cfg.replace(**{"model.student-activation": "silu"}).model, tiny_cfg.data.names)
+    assert acts(silu) == {"SiLU"}
+    with pytest.raises(ValueError, match="unknown activation 'gelu2'"):
+        models.model_yaml("yolov8", "n", activation="gelu2")
+    with pytest.raises(models.CheckpointError, match="__import__"):  # Ultralytics would eval() this string
+        models.build({**relu.yaml, "activation": "__import__('os').getcwd()"}, tiny_cfg.data.names)
+
+
 def test_array_record_round_trip_is_exact(tiny_student):
     with torch.no_grad():  # make BatchNorm buffers non-trivial
         for m in tiny_student.modules():
