@@ -63,14 +63,18 @@ def export_onnx(model: torch.nn.Module, path: Path, imgsz: int, metadata: dict[s
     return path
 
 
-def decode_nodes(onnx_path: Path) -> list[str]:
-    """Nodes of the detection decode and the head's last convs: these stay in float for accurate boxes."""
+def float_nodes(onnx_path: Path, first_layers: int = 0) -> list[str]:
+    """Nodes kept in float: the detection decode and the head's last convs (accurate boxes), and the first
+    `first_layers` layers of the model. Those run at full resolution with 8-16 channels, where onnxruntime's
+    int8 kernels are slower than its blocked float ones (measured: README)."""
     graph = onnx.load(str(onnx_path)).graph
     convs = [n.name for n in graph.node if n.op_type == "Conv"]
     head = max(int(m.group(1)) for n in convs if (m := re.match(r"/model\.(\d+)/", n)))
     keep_float = re.compile(rf"/model\.{head}/(dfl/|cv[23]\.\d+/cv[23]\.\d+\.2/)")
     after_head = [n.name for n in graph.node if n.name.startswith(f"/model.{head}/") and n.op_type != "Conv"]
-    return [n for n in convs if keep_float.search(n)] + after_head
+    stem = tuple(f"/model.{i}/" for i in range(min(first_layers, head)))
+    early = [n.name for n in graph.node if stem and n.name.startswith(stem)]
+    return [n for n in convs if keep_float.search(n)] + after_head + early
 
 
 class FrameReader(CalibrationDataReader):
@@ -90,13 +94,14 @@ class FrameReader(CalibrationDataReader):
         self.iter = None
 
 
-def quantize(fp32: Path, out: Path, frames: np.ndarray, target: str = "x86", method: str = "static") -> Path:
-    """int8 QDQ (static, calibrated on `frames`) or dynamic quantization of the convolutions."""
+def quantize(fp32: Path, out: Path, frames: np.ndarray, target: str = "x86", method: str = "static",
+             float_layers: int = 0) -> Path:
+    """int8 QDQ (static, calibrated on `frames`) or dynamic quantization; `float_layers` first layers stay float."""
     if target not in TARGETS:
         raise ValueError(f"unknown target '{target}' ({', '.join(TARGETS)})")
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    excluded = decode_nodes(pre)
+    excluded = float_nodes(pre, float_layers)
     try:
         if method == "dynamic":  # for comparison only: slow for conv nets (activations quantized at run time)
             quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],

@@ -1,4 +1,4 @@
-"""Structured (channel) pruning of the student with Torch-Pruning's dependency graph; the head is kept."""
+"""Structured (channel) pruning of the student with Torch-Pruning's dependency graph; the head's outputs are kept."""
 
 from __future__ import annotations
 
@@ -59,16 +59,21 @@ def split_c2f(model: nn.Module) -> nn.Module:
 
 
 def prune(model: nn.Module, ratio: float, imgsz: int, round_to: int = 8) -> nn.Module:
-    """A pruned copy: `ratio` of the prunable channels removed by group L2 magnitude, Detect head untouched."""
+    """A pruned copy: `ratio` of the prunable channels removed by group L2 magnitude. The head's hidden channels
+    are pruned too (its 64-channel box branches are over half of this student's FLOPs); its outputs (box bins,
+    classes) and the DFL decode are kept. Layers of at most 2 x `round_to` outputs are kept whole: with channel
+    counts rounded to `round_to`, any cut there would remove half of them or more."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
     pruned = split_c2f(copy.deepcopy(model)).eval()
     for p in pruned.parameters():
         p.requires_grad_(True)  # the dependency graph is traced through autograd
-    head = [m for m in pruned.modules() if isinstance(m, Detect)]
+    head = [m for m in pruned.modules() if isinstance(m, Detect)][-1]
+    keep = [head.dfl] + [branch[-1] for branch in (*head.cv2, *head.cv3)]  # the last convs define the outputs
+    keep += [m for m in pruned.modules() if isinstance(m, nn.Conv2d) and m.out_channels <= 2 * round_to]
     pruner = tp.pruner.MetaPruner(
         pruned, torch.zeros(1, 3, imgsz, imgsz), importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=ratio, ignored_layers=head, round_to=round_to if round_to > 1 else None,
+        pruning_ratio=ratio, ignored_layers=keep, round_to=round_to if round_to > 1 else None,
         output_transform=lambda out: out[0] if isinstance(out, (tuple, list)) else out)
     pruner.step()
     return pruned

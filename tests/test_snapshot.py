@@ -32,6 +32,37 @@ def test_pruned_onnx_is_smaller_runs_and_matches_torch(tiny_cfg, tiny_student, t
     assert np.allclose(raw, ref, atol=1e-3)
 
 
+def test_pruning_keeps_head_outputs_and_narrow_layers(tiny_cfg, tiny_student):
+    from torch import nn
+
+    from server.prune import split_c2f
+
+    before = {n: m for n, m in split_c2f(tiny_student).named_modules() if isinstance(m, nn.Conv2d)}
+    pruned = prune(tiny_student, 0.5, 64, round_to=4)
+    after = {n: m for n, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
+    head = pruned.model[-1]
+    assert [b[-1].out_channels for b in head.cv2] == [4 * head.reg_max] * 3
+    assert [b[-1].out_channels for b in head.cv3] == [len(tiny_cfg.data.names)] * 3
+    assert any(after[n].out_channels < m.out_channels for n, m in before.items() if ".cv2." in n)  # hidden head
+    for name, conv in before.items():
+        if conv.out_channels <= 8:  # 2 x round_to: cutting these would halve them
+            assert after[name].out_channels == conv.out_channels, name
+        elif after[name].out_channels != conv.out_channels:
+            assert after[name].out_channels % 4 == 0, name
+
+
+def test_first_layers_can_stay_float(trained, tmp_path):
+    cfg, model = trained
+    frames = calibration_frames(cfg)
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", 64, {})
+    all_int8 = inspect_optimized(quantize(fp32, tmp_path / "a.onnx", frames, "x86"), tmp_path)
+    mixed_path = quantize(fp32, tmp_path / "m.onnx", frames, "x86", float_layers=2)
+    mixed = inspect_optimized(mixed_path, tmp_path)
+    assert mixed.float_convs == all_int8.float_convs + 2 and mixed.int8_convs == all_int8.int8_convs - 2
+    a, b = OnnxPredictor(fp32).raw(frames), OnnxPredictor(mixed_path).raw(frames)
+    assert np.abs(a[:, 4:] - b[:, 4:]).mean() < 0.02
+
+
 def test_int8_graph_runs_integer_convs_and_stays_close(trained, tmp_path):
     cfg, model = trained
     frames = calibration_frames(cfg)
