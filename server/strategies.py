@@ -45,6 +45,7 @@ class FedcamMixin:
         for m in messages:
             m.content["arrays"] = wire
         self._sampled = [m.metadata.dst_node_id for m in messages]
+        self._sent = messages  # the Grid gives each its message id in place when it pushes them
         self._round_start = time.time()
         self.bus.emit("round_start", rnd, sampled=self._sampled, available=len(list(grid.get_node_ids())))
         return messages
@@ -54,7 +55,7 @@ class FedcamMixin:
         replies = list(replies)
         good, outcomes = self._screen(replies)
         replied = {o.node_id for o in outcomes}
-        # Error replies made by the SuperLink (e.g. "Node Unavailable") may not name the node they stand for.
+        # An error reply the SuperLink could not attribute stands for one sampled node we cannot name.
         unnamed = sum(o.node_id not in self._sampled for o in outcomes)
         silent = [n for n in self._sampled if n not in replied][unnamed:]
         outcomes += [ClientOutcome(n, False, "no reply before the round timeout") for n in silent]
@@ -85,8 +86,13 @@ class FedcamMixin:
 
     def _screen(self, replies: list[Message]) -> tuple[list[Message], list[ClientOutcome]]:
         good, outcomes = [], []
+        # Error replies the SuperLink makes itself ("Node Unavailable") come from node 1, the SuperLink: name
+        # the node they stand for through the id of the message they answer.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in getattr(self, "_sent", [])}
         for msg in replies:
             node = msg.metadata.src_node_id
+            if node not in self._sampled:
+                node = sent_to.get(msg.metadata.reply_to_message_id, node)
             if msg.has_error():
                 outcomes.append(ClientOutcome(node, False, f"client error: {msg.error.reason}"))
                 continue

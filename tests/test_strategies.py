@@ -68,6 +68,29 @@ def test_strategy_aggregates_only_valid_updates(name, tiny_cfg, tiny_student):
     assert "camera offline" in outcomes[4]["reason"]
 
 
+def test_superlink_error_reply_is_logged_under_the_node_it_stands_for(tiny_cfg, tiny_student):
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    state = tiny_student.state_dict()
+    global_arrays, events = to_record(state), []
+    strategy = prepared("fedavg", tiny_cfg, global_arrays, events)
+    strategy._sampled = [7, 9]
+    asks = [Message(RecordDict({"arrays": global_arrays}), dst_node_id=n, message_type="train") for n in (7, 9)]
+    for ask in asks:  # what the Grid does when it pushes them
+        ask.metadata.__dict__["_message_id"] = ask.object_id
+    strategy._sent = asks
+    # What Flower's SuperLink answers for a node whose heartbeat expired: the SuperLink (node 1) is the sender.
+    dead = create_message_error_unavailable_res_message(asks[1].metadata, "node_unavail")
+    assert dead.metadata.src_node_id == 1
+    ok = Message(RecordDict({"arrays": pack(shifted(state, 0.01)), "metrics": MetricRecord({"num-examples": 5})}),
+                 reply_to=asks[0])
+    strategy.aggregate_train(1, [ok, dead])
+    (event,) = [e for e in events if e.kind == "train_result"]
+    outcomes = {c["node_id"]: c for c in event.data["clients"]}
+    assert set(outcomes) == {7, 9} and outcomes[7]["ok"] and not outcomes[9]["ok"]
+    assert "Node Unavailable" in outcomes[9]["reason"]
+
+
 def test_unknown_strategy_is_named(tiny_cfg):
     with pytest.raises(ValueError, match="unknown strategy 'fedfoo'"):
         make_strategy(dataclasses.replace(tiny_cfg.fed, strategy="fedfoo"), EventBus(), 0)
