@@ -22,30 +22,42 @@ from shared.evaluate import OnnxPredictor, evaluate
 from shared.train import TrainSpec
 
 
-def latency(path: Path, imgsz: int, threads: int, runs: int) -> tuple[float, float]:
-    p = OnnxPredictor(path, threads=threads)
-    x = np.random.default_rng(0).integers(0, 255, (1, 3, imgsz, imgsz), dtype=np.uint8)
-    for _ in range(5):
-        p.raw(x)
-    t = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        p.raw(x)
-        t.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(t)), float(np.percentile(t, 95))
+def latencies(paths: dict[str, Path], imgsz: int, threads: int, runs: int) -> dict[str, tuple[float, float]]:
+    """p50 and p95 ms per model, timed side by side: one run of each model in turn, so that a slower or busier
+    minute of the machine hits every model alike. Idle worker threads must not spin (onnxruntime's default),
+    or the sessions waiting for their turn would steal the cores of the one being timed."""
+    import onnxruntime as ort
+
+    sessions = {}
+    for name, path in paths.items():
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).integers(0, 255, (1, 3, imgsz, imgsz)).astype(np.float32) / 255
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for i in range(runs + 5):  # the first 5 rounds warm up
+        for name, sess in sessions.items():
+            t0 = time.perf_counter()
+            sess.run(None, {"images": x})
+            if i >= 5:
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return {n: (float(np.median(t)), float(np.percentile(t, 95))) for n, t in times.items()}
 
 
-def ultralytics_exports(student, work: Path, imgsz: int, data_yaml: Path) -> dict[str, Path]:
+def ultralytics_exports(student, work: Path, imgsz: int, data_yaml: Path, int8: bool) -> dict[str, Path]:
     """The same trained student exported by Ultralytics itself (fp32 ONNX, and its int8 option)."""
     from ultralytics import YOLO
 
     pt = work / "student_ul.pt"
     torch.save({"model": copy.deepcopy(student).half(), "train_args": {"imgsz": imgsz, "task": "detect"}}, pt)
     fp32 = Path(YOLO(str(pt)).export(format="onnx", imgsz=imgsz, opset=17))
-    out = {"ultralytics fp32": fp32.rename(work / "ultralytics_fp32.onnx")}  # the int8 export reuses the name
+    out = {"ultralytics fp32": fp32.rename(work / f"ultralytics_fp32_{imgsz}.onnx")}  # int8 reuses the name
+    if not int8:
+        return out
     try:
         q = YOLO(str(pt)).export(format="onnx", imgsz=imgsz, int8=True, data=str(data_yaml))
-        out["ultralytics int8"] = Path(q)
+        out["ultralytics int8"] = Path(q).rename(work / f"ultralytics_int8_{imgsz}.onnx")
     except Exception as err:  # noqa: BLE001 - report, do not fake a number
         print(f"ultralytics int8 export failed: {type(err).__name__}: {err}")
     return out
@@ -56,10 +68,13 @@ def main() -> None:
     ap.add_argument("--run", default="runs/noniid_fedavg", help="a finished run: its last global student is used")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--sizes", default="320,640")
-    ap.add_argument("--prune-ratio", type=float, default=0.1)
+    ap.add_argument("--prune-ratio", type=float, default=0.25)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. snapshot.float-layers=0 (the run's own config otherwise)")
     args = ap.parse_args()
     run = Path(args.run)
-    cfg = load_config({**json.loads((run / "run_config.json").read_text()), "resume": True})
+    sets = dict(item.split("=", 1) for item in args.set)
+    cfg = load_config({**json.loads((run / "run_config.json").read_text()), "resume": True, **sets})
     task.set_threads(cfg.train.threads)
     student = models.load(cfg.model.student_checkpoint)
     last = sorted((run / "checkpoints").glob("global_r*.pt"))[-1]
@@ -70,40 +85,53 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         pruned = prune(student, args.prune_ratio, cfg.data.imgsz, cfg.snapshot.round_to)
-        spec = TrainSpec.central(cfg.train, epochs=cfg.snapshot.recover_epochs, lr=cfg.train.lr / 2, warmup_steps=0)
+        # Recovery as the snapshot does it: distillation from the dense student alone, on the server's data.
+        spec = TrainSpec.central(cfg.train, epochs=cfg.snapshot.recover_epochs, lr=cfg.train.lr / 2, warmup_steps=0,
+                                 det_weight=0.0)
         task.distill_fit(pruned, copy.deepcopy(student), task.base_yaml(cfg), cfg, spec)
-        frames = calibration_frames(cfg)
+        frames, fl = calibration_frames(cfg), cfg.snapshot.float_layers
         rows = []
         for imgsz in (int(s) for s in args.sizes.split(",")):
-            variants = {"teacher fp32 (untrained)": export_onnx(teacher, work / f"t{imgsz}.onnx", imgsz, {}),
-                        "student fp32": export_onnx(student, work / f"s{imgsz}.onnx", imgsz, {}),
-                        "pruned fp32": export_onnx(pruned, work / f"p{imgsz}.onnx", imgsz, {})}
-            if imgsz == cfg.data.imgsz:  # calibration frames exist at the training size only
-                variants["student int8"] = quantize(variants["student fp32"], work / "sq.onnx", frames, "x86")
-                variants["pruned int8"] = quantize(variants["pruned fp32"], work / f"q{imgsz}.onnx", frames, "x86")
-            if imgsz == cfg.data.imgsz:
-                variants.update(ultralytics_exports(student, work, imgsz, task.base_yaml(cfg)))
-            for name, path in variants.items():
-                m50 = evaluate(OnnxPredictor(path, task.nms_settings(cfg), threads=2),
-                               task.make_loader(held, "val", cfg, False), names).map50 \
-                    if imgsz == cfg.data.imgsz and "teacher" not in name else float("nan")
-                for threads in (1, 2):
-                    p50, p95 = latency(path, imgsz, threads, args.runs)
-                    rows.append((imgsz, name, threads, p50, p95, path.stat().st_size / 1e6, m50))
+            calib = frames if imgsz == cfg.data.imgsz else resized(frames, imgsz)
+            fp = {"teacher fp32 (untrained)": export_onnx(teacher, work / f"t{imgsz}.onnx", imgsz, {}),
+                  "student fp32": export_onnx(student, work / f"s{imgsz}.onnx", imgsz, {}),
+                  "pruned fp32": export_onnx(pruned, work / f"p{imgsz}.onnx", imgsz, {})}
+            variants = {**fp,
+                        "student int8, all layers": quantize(fp["student fp32"], work / f"sa{imgsz}.onnx", calib),
+                        f"student int8 ({fl} float)": quantize(fp["student fp32"], work / f"sq{imgsz}.onnx", calib,
+                                                               float_layers=fl),
+                        f"pruned int8 ({fl} float)": quantize(fp["pruned fp32"], work / f"pq{imgsz}.onnx", calib,
+                                                              float_layers=fl),
+                        **ultralytics_exports(student, work, imgsz, task.base_yaml(cfg), imgsz == cfg.data.imgsz)}
+            m50 = {name: evaluate(OnnxPredictor(path, task.nms_settings(cfg), threads=2),
+                                  task.make_loader(held, "val", cfg, False), names).map50
+                   if imgsz == cfg.data.imgsz and "teacher" not in name else float("nan")
+                   for name, path in variants.items()}  # mAP at the training size only
+            for threads in (1, 2):
+                for name, (p50, p95) in latencies(variants, imgsz, threads, args.runs).items():
+                    rows.append((imgsz, name, threads, p50, p95, variants[name].stat().st_size / 1e6, m50[name]))
         print(f"\n{'imgsz':>5} {'model':<26}{'thr':>4}{'p50 ms':>9}{'p95 ms':>9}{'MB':>7}{'mAP50':>8}")
         for r in rows:
             print(f"{r[0]:>5} {r[1]:<26}{r[2]:>4}{r[3]:>9.2f}{r[4]:>9.2f}{r[5]:>7.2f}{r[6]:>8.3f}")
-        base = {(r[0], r[2]): r[3] for r in rows if r[1] == "ultralytics fp32"}
+        base = {(r[0], r[2]): (r[3], r[6]) for r in rows if r[1] == "ultralytics fp32"}
         for r in rows:
-            if r[1].endswith("int8") and not r[1].startswith("ultra") and (r[0], r[2]) in base:
-                print(f"speed-up of {r[1]} vs Ultralytics fp32 ONNX at {r[0]} px, {r[2]} thread(s): "
-                      f"{base[(r[0], r[2])] / r[3]:.2f}x")
-        rep = inspect_optimized(work / "sq.onnx", work)
+            if "int8" in r[1] and not r[1].startswith("ultra") and (r[0], r[2]) in base:
+                ms, m = base[(r[0], r[2])]
+                print(f"{r[1]} vs Ultralytics fp32 ONNX at {r[0]} px, {r[2]} thread(s): {ms / r[3]:.2f}x faster"
+                      + (f", {r[6] / m:.1%} of its mAP50" if m == m else ""))
+        rep = inspect_optimized(work / f"sq{cfg.data.imgsz}.onnx", work)
         gflops = models.gflops(student, cfg.data.imgsz)
-        best = min(r[3] for r in rows if r[1] == "student int8")
-        # Ultralytics counts 2 ops per multiply-accumulate; almost all of them run in the int8 convs.
-        print(f"int8 graph: {rep.int8_convs} int8 convs, {rep.float_convs} float; {gflops:.2f} GOPs per frame -> "
-              f"{gflops / (best / 1000):.1f} GOPS achieved at the best p50 ({best:.2f} ms)")
+        best = min(r[3] for r in rows if r[1] == f"student int8 ({fl} float)" and r[0] == cfg.data.imgsz)
+        # Ultralytics counts 2 ops per multiply-accumulate; almost all of them run in the convs.
+        print(f"snapshot graph: {rep.int8_convs} int8 convs, {rep.float_convs} float; {gflops:.2f} GOPs per frame "
+              f"-> {gflops / (best / 1000):.1f} GOPS achieved at the best p50 ({best:.2f} ms)")
+
+
+def resized(frames: np.ndarray, imgsz: int) -> np.ndarray:
+    """Calibration frames at another input size (the letterbox scales with the frame)."""
+    import cv2
+
+    return np.stack([cv2.resize(f.transpose(1, 2, 0), (imgsz, imgsz)).transpose(2, 0, 1) for f in frames])
 
 
 if __name__ == "__main__":
