@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from server.export import export_onnx, inspect_optimized, quantize
+from server.export import GraphReport, export_onnx, inspect_optimized, quantize
 from server.prune import prune
 from server.registry import Registry, now_iso
 from shared import task
 from shared.config import Config
 from shared.env import STATE_DIR
 from shared.evaluate import OnnxPredictor, TorchPredictor, evaluate
+from shared.models import count_params
 from shared.snapshot_format import Manifest, sha256_file
 from shared.train import TrainSpec
 
@@ -59,48 +60,64 @@ def latency_ms(path: Path, imgsz: int, runs: int = 30) -> float:
 
 
 def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry) -> SnapshotResult:
-    from shared.models import count_params
-
+    """Gate the pruned int8 candidate; if it loses too much, fall back to the dense int8 one (never to nothing
+    while a good snapshot can be made). Only when every candidate fails is the snapshot rejected."""
     s, imgsz, names = cfg.snapshot, cfg.data.imgsz, [dense.names[i] for i in sorted(dense.names)]
     held_out = [task.camera_yaml(cfg, k) for k in range(cfg.data.cameras)]
-    settings = task.nms_settings(cfg)
-    # 1. prune a copy (federated training goes on with the dense model), then recover with the dense as teacher
-    pruned = prune(dense, s.prune_ratio, imgsz, s.round_to)
-    if s.recover_epochs > 0 and s.prune_ratio > 0:
+    loader = lambda: task.make_loader(held_out, "val", cfg, False)  # noqa: E731
+    ref = evaluate(TorchPredictor(dense, task.nms_settings(cfg)), loader(), names)
+    version, failed = registry.next_version(), []
+    with tempfile.TemporaryDirectory() as tmp:
+        for ratio in dict.fromkeys([s.prune_ratio, 0.0]):  # the configured ratio first, then no pruning
+            work = Path(tmp) / f"prune{ratio}"
+            cand = _candidate(dense, ratio, cfg, work, {"snapshot_version": version, "round": str(rnd)})
+            got = evaluate(OnnxPredictor(cand.path, task.nms_settings(cfg), threads=cfg.train.threads), loader(),
+                           names)
+            drop = ref.map50 - got.map50
+            if drop <= s.tolerance:
+                break
+            failed.append(f"prune {ratio:.0%}: mAP50 {got.map50:.3f} int8 vs {ref.map50:.3f} fp32, drop {drop:.3f} > "
+                          f"tolerance {s.tolerance}")
+            log.warning("snapshot %s candidate rejected: %s", version, failed[-1])
+        manifest = Manifest(version=version, round=rnd, target=s.target, sha256=sha256_file(cand.path),
+                            size=cand.path.stat().st_size, imgsz=imgsz, names=names, map50_fp32=ref.map50,
+                            map50_int8=got.map50, map_fp32=ref.map, map_int8=got.map,
+                            latency_ms=latency_ms(cand.path, imgsz), created=now_iso(), parent_checkpoint=parent,
+                            extra={"prune_ratio": ratio, "method": s.method, "float_layers": s.float_layers,
+                                   "int8_convs": cand.graph.int8_convs, "float_convs": cand.graph.float_convs,
+                                   "rejected_candidates": failed})
+        published = drop <= s.tolerance
+        if published:
+            registry.publish(manifest, cand.path)
+        else:
+            registry.reject(manifest, "; ".join(failed))
+    return SnapshotResult(manifest, published, "; ".join(failed), cand.graph.int8_convs, cand.graph.float_convs,
+                          count_params(dense), cand.params)
+
+
+@dataclass
+class Candidate:
+    path: Path
+    graph: GraphReport
+    params: int
+
+
+def _candidate(dense, ratio: float, cfg: Config, work: Path, metadata: dict[str, str]) -> Candidate:
+    """1. prune a copy (federated training goes on with the dense model) and recover it, 2. export, 3. quantize
+    and check what onnxruntime really runs."""
+    s = cfg.snapshot
+    model = prune(dense, ratio, cfg.data.imgsz, s.round_to) if ratio > 0 else dense
+    if ratio > 0 and s.recover_epochs > 0:
         # Distillation alone (det_weight 0): the server's labels are of its base domain, and training on them pulls
         # the student away from the cameras' domains (measured on the unpruned student: camera mAP50 0.720 ->
         # 0.649 with labels + KD, 0.704 with KD alone, 4 epochs).
         spec = TrainSpec.central(cfg.train, epochs=s.recover_epochs, lr=cfg.train.lr / 2, warmup_steps=0,
                                  det_weight=0.0)
-        task.distill_fit(pruned, copy.deepcopy(dense), task.base_yaml(cfg), cfg, spec)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        version = registry.next_version()
-        # 2. export, 3. quantize and check what onnxruntime really runs
-        fp32 = export_onnx(pruned, work / "fp32.onnx", imgsz, {"snapshot_version": version, "round": str(rnd)})
-        int8 = quantize(fp32, work / "model.onnx", calibration_frames(cfg), s.target, s.method, s.float_layers)
-        graph = inspect_optimized(int8, work)
-        # 4. gate: int8 snapshot against the dense fp32 student on held-out camera data
-        loader = lambda: task.make_loader(held_out, "val", cfg, False)  # noqa: E731
-        ref = evaluate(TorchPredictor(dense, settings), loader(), names)
-        got = evaluate(OnnxPredictor(int8, settings, threads=cfg.train.threads), loader(), names)
-        manifest = Manifest(version=version, round=rnd, target=s.target, sha256=sha256_file(int8),
-                            size=int8.stat().st_size, imgsz=imgsz, names=names, map50_fp32=ref.map50,
-                            map50_int8=got.map50, map_fp32=ref.map, map_int8=got.map,
-                            latency_ms=latency_ms(int8, imgsz), created=now_iso(), parent_checkpoint=parent,
-                            extra={"prune_ratio": s.prune_ratio, "method": s.method, "float_layers": s.float_layers,
-                                   "int8_convs": graph.int8_convs, "float_convs": graph.float_convs})
-        drop = ref.map50 - got.map50
-        if drop > s.tolerance:
-            reason = f"mAP50 {got.map50:.3f} int8 vs {ref.map50:.3f} fp32: drop {drop:.3f} > tolerance {s.tolerance}"
-            log.warning("snapshot %s rejected: %s", version, reason)
-            registry.reject(manifest, reason)
-            published = False
-        else:
-            registry.publish(manifest, int8)
-            reason, published = "", True
-    return SnapshotResult(manifest, published, reason, graph.int8_convs, graph.float_convs, count_params(dense),
-                          count_params(pruned))
+        task.distill_fit(model, copy.deepcopy(dense), task.base_yaml(cfg), cfg, spec)
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = export_onnx(model, work / "fp32.onnx", cfg.data.imgsz, metadata)
+    int8 = quantize(fp32, work / "model.onnx", calibration_frames(cfg), s.target, s.method, s.float_layers)
+    return Candidate(int8, inspect_optimized(int8, work), count_params(model))
 
 
 class SnapshotHook:

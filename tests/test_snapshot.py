@@ -89,20 +89,27 @@ def test_ultralytics_loads_and_runs_the_snapshot(trained, tmp_path):
     assert result.names == dict(enumerate(cfg.data.names)) and result.boxes is not None
 
 
-def test_gate_publishes_good_and_rejects_damaged(trained, tmp_path):
+def test_gate_rejects_damaged_candidates_and_falls_back_to_dense(trained, tmp_path):
     cfg, model = trained
     registry = Registry(tmp_path / "snapshots", tmp_path / "key.pem")
     good = make_snapshot(model, cfg.replace(**{"snapshot.prune-ratio": 0.0, "snapshot.tolerance": 0.03}), 1, "c1",
                          registry)
     assert good.manifest.map50_fp32 > 0.02, "the fixture model must detect something for the gate to mean anything"
-    assert good.published, good.reason
-    damaged = make_snapshot(model, cfg.replace(**{"snapshot.prune-ratio": 0.9, "snapshot.tolerance": 0.01}), 2,
-                            "c2", registry)
-    assert not damaged.published and "drop" in damaged.reason
+    assert good.published and good.reason == "" and good.manifest.extra["prune_ratio"] == 0.0
+    # 90 % of the channels cut and no recovery: the gate rejects that candidate, the dense int8 one is published.
+    fallback = make_snapshot(model, cfg.replace(**{"snapshot.prune-ratio": 0.9, "snapshot.tolerance": 0.01}), 2,
+                             "c2", registry)
+    assert fallback.published and fallback.manifest.extra["prune_ratio"] == 0.0
+    assert fallback.reason.startswith("prune 90%") and "drop" in fallback.reason
+    assert fallback.manifest.extra["rejected_candidates"] == [fallback.reason]
+    # A gate nothing passes: rejected with its figures, never published, `latest` stays where it was.
+    rejected = make_snapshot(model, cfg.replace(**{"snapshot.prune-ratio": 0.9, "snapshot.tolerance": -1.0}), 3,
+                             "c3", registry)
+    assert not rejected.published and rejected.reason.count("drop") == 2
     rows = {r["version"]: r for r in registry.rows()}
-    assert rows[good.manifest.version]["status"] == "published" and rows[damaged.manifest.version]["status"] == "rejected"
-    assert registry.latest()["version"] == good.manifest.version  # the rejected one never became latest
-    assert not (registry.root / damaged.manifest.version).exists()
+    assert [rows[v]["status"] for v in ("v0001", "v0002", "v0003")] == ["published", "published", "rejected"]
+    assert registry.latest()["version"] == fallback.manifest.version == "v0002"
+    assert not (registry.root / rejected.manifest.version).exists()
 
 
 def test_signature_verifies_and_any_flipped_byte_fails(trained, tmp_path):
