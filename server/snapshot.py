@@ -91,7 +91,10 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry)
             registry.publish(manifest, cand.path)
         else:
             registry.reject(manifest, "; ".join(failed))
-    return SnapshotResult(manifest, published, "; ".join(failed), cand.graph.int8_convs, cand.graph.float_convs,
+    reason = "; ".join(failed)
+    if published and failed:  # what the dashboard shows next to "published"
+        reason = f"published unpruned: {reason}"
+    return SnapshotResult(manifest, published, reason, cand.graph.int8_convs, cand.graph.float_convs,
                           count_params(dense), cand.params)
 
 
