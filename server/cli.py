@@ -220,7 +220,8 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
     snaps = [e for e in read_events(events) if e["kind"] == "snapshot"]
     for e in snaps:
         d = e["data"]
-        state = "[green]published[/]" if d["published"] else f"[red]rejected[/] ({d['reason']})"
+        state = "[green]published[/]" if d["published"] else "[red]rejected[/]"
+        state += f" ({d['reason']})" if d.get("reason") else ""  # e.g. published unpruned: the pruned one failed
         console.print(f"snapshot {d['version']} of round {e['round']}: {state}; mAP50 int8 {d['map50_int8']:.3f} vs "
                       f"fp32 {d['map50_fp32']:.3f}, {d['size'] / 1e6:.2f} MB, {d['latency_ms']:.1f} ms")
     console.print(f"dashboard of this run: fedcam dashboard {cfg.run_dir}  (then http://127.0.0.1:8080/)")

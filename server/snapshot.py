@@ -93,7 +93,7 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry)
             registry.reject(manifest, "; ".join(failed))
     reason = "; ".join(failed)
     if published and failed:  # what the dashboard shows next to "published"
-        reason = f"published unpruned: {reason}"
+        reason = f"fell back to unpruned; {reason}"
     return SnapshotResult(manifest, published, reason, cand.graph.int8_convs, cand.graph.float_convs,
                           count_params(dense), cand.params)
 

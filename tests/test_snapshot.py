@@ -101,7 +101,7 @@ def test_gate_rejects_damaged_candidates_and_falls_back_to_dense(trained, tmp_pa
                              "c2", registry)
     assert fallback.published and fallback.manifest.extra["prune_ratio"] == 0.0
     (why,) = fallback.manifest.extra["rejected_candidates"]
-    assert why.startswith("prune 90%") and "drop" in why and fallback.reason == f"published unpruned: {why}"
+    assert why.startswith("prune 90%") and "drop" in why and fallback.reason == f"fell back to unpruned; {why}"
     # A gate nothing passes: rejected with its figures, never published, `latest` stays where it was.
     rejected = make_snapshot(model, cfg.replace(**{"snapshot.prune-ratio": 0.9, "snapshot.tolerance": -1.0}), 3,
                              "c3", registry)
