@@ -64,15 +64,14 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry)
     while a good snapshot can be made). Only when every candidate fails is the snapshot rejected."""
     s, imgsz, names = cfg.snapshot, cfg.data.imgsz, [dense.names[i] for i in sorted(dense.names)]
     held_out = [task.camera_yaml(cfg, k) for k in range(cfg.data.cameras)]
-    loader = lambda: task.make_loader(held_out, "val", cfg, False)  # noqa: E731
-    ref = evaluate(TorchPredictor(dense, task.nms_settings(cfg)), loader(), names)
-    version, failed = registry.next_version(), []
+    loader, settings = (lambda: task.make_loader(held_out, "val", cfg, False)), task.nms_settings(cfg)
+    ref = evaluate(TorchPredictor(dense, settings), loader(), names)
+    version, failed, frames = registry.next_version(), [], calibration_frames(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         for ratio in dict.fromkeys([s.prune_ratio, 0.0]):  # the configured ratio first, then no pruning
             work = Path(tmp) / f"prune{ratio}"
-            cand = _candidate(dense, ratio, cfg, work, {"snapshot_version": version, "round": str(rnd)})
-            got = evaluate(OnnxPredictor(cand.path, task.nms_settings(cfg), threads=cfg.train.threads), loader(),
-                           names)
+            cand = _candidate(dense, ratio, cfg, frames, work, {"snapshot_version": version, "round": str(rnd)})
+            got = evaluate(OnnxPredictor(cand.path, settings, threads=cfg.train.threads), loader(), names)
             drop = ref.map50 - got.map50
             if drop <= s.tolerance:
                 break
@@ -105,11 +104,11 @@ class Candidate:
     params: int
 
 
-def _candidate(dense, ratio: float, cfg: Config, work: Path, metadata: dict[str, str]) -> Candidate:
-    """1. prune a copy (federated training goes on with the dense model) and recover it, 2. export, 3. quantize
-    and check what onnxruntime really runs."""
+def pruned_student(dense, ratio: float, cfg: Config):
+    """A copy of `dense` with `ratio` of its channels pruned (federated training goes on with the dense model),
+    recovered for snapshot.recover-epochs by distillation from `dense` on the server's frames."""
     s = cfg.snapshot
-    model = prune(dense, ratio, cfg.data.imgsz, s.round_to) if ratio > 0 else dense
+    model = prune(dense, ratio, cfg.data.imgsz, s.round_to)
     if ratio > 0 and s.recover_epochs > 0:
         # Distillation alone (det_weight 0): the server's labels are of its base domain, and training on them pulls
         # the student away from the cameras' domains (measured on the unpruned student: camera mAP50 0.720 ->
@@ -117,9 +116,16 @@ def _candidate(dense, ratio: float, cfg: Config, work: Path, metadata: dict[str,
         spec = TrainSpec.central(cfg.train, epochs=s.recover_epochs, lr=cfg.train.lr / 2, warmup_steps=0,
                                  det_weight=0.0)
         task.distill_fit(model, copy.deepcopy(dense), task.base_yaml(cfg), cfg, spec)
+    return model
+
+
+def _candidate(dense, ratio: float, cfg: Config, frames: np.ndarray, work: Path, metadata: dict[str, str]) -> Candidate:
+    """1. prune and recover (ratio > 0), 2. export, 3. quantize and check what onnxruntime really runs."""
+    s = cfg.snapshot
+    model = pruned_student(dense, ratio, cfg) if ratio > 0 else dense
     work.mkdir(parents=True, exist_ok=True)
     fp32 = export_onnx(model, work / "fp32.onnx", cfg.data.imgsz, metadata)
-    int8 = quantize(fp32, work / "model.onnx", calibration_frames(cfg), s.target, s.method, s.float_layers)
+    int8 = quantize(fp32, work / "model.onnx", frames, s.target, s.method, s.float_layers)
     return Candidate(int8, inspect_optimized(int8, work), count_params(model))
 
 

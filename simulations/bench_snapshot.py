@@ -14,12 +14,10 @@ import torch
 
 import shared  # noqa: F401
 from server.export import export_onnx, inspect_optimized, quantize
-from server.prune import prune
-from server.snapshot import calibration_frames
+from server.snapshot import calibration_frames, pruned_student
 from shared import models, task
 from shared.config import load_config
 from shared.evaluate import OnnxPredictor, evaluate
-from shared.train import TrainSpec
 
 
 def latencies(paths: dict[str, Path], imgsz: int, threads: int, runs: int) -> dict[str, tuple[float, float]]:
@@ -84,11 +82,7 @@ def main() -> None:
     names = [student.names[i] for i in sorted(student.names)]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        pruned = prune(student, args.prune_ratio, cfg.data.imgsz, cfg.snapshot.round_to)
-        # Recovery as the snapshot does it: distillation from the dense student alone, on the server's data.
-        spec = TrainSpec.central(cfg.train, epochs=cfg.snapshot.recover_epochs, lr=cfg.train.lr / 2, warmup_steps=0,
-                                 det_weight=0.0)
-        task.distill_fit(pruned, copy.deepcopy(student), task.base_yaml(cfg), cfg, spec)
+        pruned = pruned_student(student, args.prune_ratio, cfg)  # as the snapshot prunes and recovers
         frames, fl = calibration_frames(cfg), cfg.snapshot.float_layers
         rows = []
         for imgsz in (int(s) for s in args.sizes.split(",")):
