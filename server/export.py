@@ -23,19 +23,28 @@ TARGETS = {  # activations, weights: U8S8 fuses into real int8 kernels on x86; A
 }
 
 
-class LastAxisDFL(torch.nn.Module):
-    """Ultralytics' DFL decode with the softmax over the last axis: the same numbers, but onnxruntime runs a
-    Softmax over a middle axis by transposing around it, which cost ~11 % of the whole model here."""
+class ExpectationDFL(torch.nn.Module):
+    """Ultralytics' DFL decode (expected bin under a softmax over the bins of each box side), computed without a
+    Softmax: exp(x - max) in one pass over the head's own channel layout, then one matmul giving, per side, the
+    bin-weighted sum and the plain sum, and a division. The same numbers (1e-4 px); onnxruntime runs a Softmax over
+    a middle axis by transposing around it (~11 % of this student at 320 px) and one over 16-bin rows slowly, while
+    this costs ~3 % (measured: 0.15 ms less per frame at 320 px, 0.5 ms at 640)."""
 
     def __init__(self, bins: int):
         super().__init__()
         self.c1 = bins
-        self.register_buffer("bins", torch.arange(bins, dtype=torch.float32).view(bins, 1))
+        weights = torch.zeros(8, 4 * bins)  # rows 0-3: sum of bin * e per side; rows 4-7: sum of e per side
+        for side in range(4):
+            weights[side, side * bins:(side + 1) * bins] = torch.arange(bins, dtype=torch.float32)
+            weights[4 + side, side * bins:(side + 1) * bins] = 1.0
+        self.register_buffer("weights", weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, a = x.shape
-        p = x.view(b, 4, self.c1, a).transpose(2, 3).softmax(-1)  # (b, 4, anchors, bins)
-        return (p @ self.bins).view(b, 4, a)
+        sides = x.view(b, 4, self.c1, a)
+        e = (sides - sides.amax(2, keepdim=True)).exp().view(b, 4 * self.c1, a)  # max first: exp cannot overflow
+        sums = self.weights @ e
+        return sums[:, :4] / sums[:, 4:]
 
 
 def export_onnx(model: torch.nn.Module, path: Path, imgsz: int, metadata: dict[str, str]) -> Path:
@@ -47,7 +56,7 @@ def export_onnx(model: torch.nn.Module, path: Path, imgsz: int, metadata: dict[s
     head = net.model[-1]
     head.export, head.format, head.dynamic = True, "onnx", False
     if hasattr(head.dfl, "c1"):  # reg_max > 1 (reg_max 1 has an Identity here)
-        head.dfl = LastAxisDFL(head.dfl.c1)
+        head.dfl = ExpectationDFL(head.dfl.c1)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         torch.onnx.export(net, torch.zeros(1, 3, imgsz, imgsz), str(path), opset_version=OPSET, dynamo=False,
