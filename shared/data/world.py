@@ -251,6 +251,14 @@ def _frame(rng, s, names, dom, scene):
     return np.clip(f * 255 + 0.5, 0, 255).astype(np.uint8), "".join(lines)
 
 
+def _holds(old: dict, head: dict) -> bool:
+    """Whether an existing world (its world.json) holds the one `head` asks for: the same world, or the same with
+    more cameras (camera k is drawn from (seed, k) alone, so its first cameras are the ones asked for)."""
+    have, want = old.get("counts", {}), head["counts"]
+    same_rest = all(old.get(k) == v for k, v in head.items() if k != "counts")
+    return same_rest and {**have, "cameras": want["cameras"]} == want and have.get("cameras", -1) >= want["cameras"]
+
+
 def make_world(out: Path, names: list[str], cameras: int, seed: int, imgsz: int = 320,
                base_train: int = 400, base_val: int = 100, camera_train: int = 80, camera_val: int = 40,
                camera_pool: int = 120, shift: bool = True, progress: Callable[[int, int], None] | None = None) -> dict:
@@ -265,12 +273,7 @@ def make_world(out: Path, names: list[str], cameras: int, seed: int, imgsz: int 
               "camera_val": camera_val, "camera_pool": camera_pool}
     head = {"version": VERSION, "seed": seed, "names": names, "imgsz": imgsz, "counts": counts, "shift": shift}
     old = json.loads((out / "world.json").read_text()) if (out / "world.json").exists() else {}
-    if {k: old.get(k) for k in head} == head:
-        return old
-    # Camera k is drawn from (seed, k) alone, so a world with more cameras already holds the one asked for:
-    # reuse it rather than delete cameras another run (or a benchmark) is still reading.
-    if old and {**old.get("counts", {}), "cameras": cameras} == counts and old["counts"]["cameras"] >= cameras \
-            and {k: old.get(k) for k in head if k != "counts"} == {k: v for k, v in head.items() if k != "counts"}:
+    if _holds(old, head):  # reuse rather than delete cameras another run (or a benchmark) is still reading
         return old
     world = {**head, "cameras": [_camera(seed, k, names) for k in range(cameras)]}
     plan = [("base", None, {"train": base_train, "val": base_val})] + [
