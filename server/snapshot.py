@@ -104,9 +104,9 @@ class Candidate:
     params: int
 
 
-def pruned_student(dense, ratio: float, cfg: Config):
+def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None):
     """A copy of `dense` with `ratio` of its channels pruned (federated training goes on with the dense model),
-    recovered for snapshot.recover-epochs by distillation from `dense` on the server's frames."""
+    recovered for snapshot.recover-epochs by distillation from `dense` on the server's frames (seeded)."""
     s = cfg.snapshot
     model = prune(dense, ratio, cfg.data.imgsz, s.round_to)
     if ratio > 0 and s.recover_epochs > 0:
@@ -115,7 +115,7 @@ def pruned_student(dense, ratio: float, cfg: Config):
         # 0.649 with labels + KD, 0.704 with KD alone, 4 epochs).
         spec = TrainSpec.central(cfg.train, epochs=s.recover_epochs, lr=cfg.train.lr / 2, warmup_steps=0,
                                  det_weight=0.0)
-        task.distill_fit(model, copy.deepcopy(dense), task.base_yaml(cfg), cfg, spec)
+        task.distill_fit(model, copy.deepcopy(dense), task.base_yaml(cfg), cfg, spec, seed)
     return model
 
 
