@@ -21,7 +21,9 @@ teacher_app = typer.Typer(help="The teacher model.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
 console = Console()
 
-SetOpt = typer.Option(None, "--set", help="Config override KEY=VALUE (keys as in [tool.flwr.app.config]).")
+# "\\[" : typer renders help as rich markup, which would swallow the bracketed table name.
+SetOpt = typer.Option(None, "--set",
+                      help="Config override KEY=VALUE (keys as in pyproject's \\[tool.flwr.app.config]).")
 
 
 def parse_sets(sets: list[str] | None) -> dict[str, str]:
