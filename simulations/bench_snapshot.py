@@ -53,6 +53,31 @@ def latencies(paths: dict[str, Path], imgsz: int, threads: int, runs: int, mode:
     return {n: (float(np.median(t)), float(np.percentile(t, 95))) for n, t in times.items()}
 
 
+def int8_peak_gops(threads: int, n: int = 1024, runs: int = 20) -> float:
+    """This machine's int8 peak as onnxruntime reaches it: one large uint8 x int8 matmul (MatMulInteger, the MLAS
+    kernel under QLinearConv), ops counted as 2 per multiply-accumulate like Ultralytics' GFLOPs."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.integers(-128, 127, (n, n), dtype=np.int8), "w")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "peak",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    a = rng.integers(0, 255, (n, n), dtype=np.uint8)
+    sess.run(None, {"a": a})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {"a": a})
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / float(np.median(times)) / 1e9
+
+
 def ultralytics_exports(student, work: Path, imgsz: int, data_yaml: Path, int8: bool) -> dict[str, Path]:
     """The same trained student exported by Ultralytics itself (fp32 ONNX, and its int8 option)."""
     from ultralytics import YOLO
@@ -136,12 +161,17 @@ def main() -> None:
                                                                    else "not met") + ")"
                 print(f"{r[1]} vs Ultralytics fp32 ONNX at {r[0]} px, {r[2]} thread(s), {r[3]}: {ms / r[4]:.2f}x "
                       f"faster" + (f", {r[7] / m:.1%} of its mAP50" if m == m else "") + goal)
-        rep = inspect_optimized(work / f"sq{cfg.data.imgsz}.onnx", work)
-        gflops = models.gflops(student, cfg.data.imgsz)
-        best = min(r[4] for r in rows if r[1] == f"student int8 ({fl} float)" and r[0] == cfg.data.imgsz)
         # Ultralytics counts 2 ops per multiply-accumulate; almost all of them run in the convs.
-        print(f"snapshot graph: {rep.int8_convs} int8 convs, {rep.float_convs} float; {gflops:.2f} GOPs per frame "
-              f"-> {gflops / (best / 1000):.1f} GOPS achieved at the best p50 ({best:.2f} ms)")
+        peak = {threads: int8_peak_gops(threads) for threads in (1, 2)}
+        print(f"this machine's int8 peak in onnxruntime (a 1024^3 MatMulInteger): {peak[1]:.0f} GOPS at 1 thread, "
+              f"{peak[2]:.0f} at 2")
+        for label, stem, model in (("student int8", "sq", student), ("pruned int8", "pq", pruned)):
+            rep = inspect_optimized(work / f"{stem}{cfg.data.imgsz}.onnx", work)
+            gops = models.gflops(model, cfg.data.imgsz)
+            best, thr = min((r[4], r[2]) for r in rows if r[1] == f"{label} ({fl} float)" and r[0] == cfg.data.imgsz)
+            print(f"{label} ({fl} float): {rep.int8_convs} int8 convs, {rep.float_convs} float; {gops:.2f} GOPs per "
+                  f"frame -> {gops / (best / 1000):.1f} GOPS at its best p50 ({best:.2f} ms, {thr} thread(s)), "
+                  f"{gops / (best / 1000) / peak[thr]:.0%} of the peak")
 
 
 def seed_spread(student, first, args, cfg, frames, held, names, work: Path) -> None:
