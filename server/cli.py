@@ -204,6 +204,7 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
     else:
         cfg = config_from(sets, scenario_overrides(scenario), **{"data.cameras": cameras, "fed.rounds": rounds,
                           "fed.strategy": strategy, "run-dir": str(run_dir) if run_dir else None})
+    refuse_finished_run(cfg)
     with progress_bar() as bar:
         cfg = warmstart.prepare(cfg, console, lambda name: train_progress(bar, name))
     events = Path(cfg.run_dir) / "events.jsonl"
@@ -230,6 +231,19 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
     if code != 0:
         console.print(f"[red]simulation ended with code {code}[/]; see {Path(cfg.run_dir) / 'simulation.log'}")
         raise typer.Exit(1)
+
+
+def refuse_finished_run(cfg) -> None:
+    """Before any work: a run folder holding rounds is never overwritten (the ServerApp refuses too, but only
+    after the teacher, the student and Ray have started, and the old run's table would read like this one's)."""
+    from server.checkpoint import RunCheckpoints
+
+    done = RunCheckpoints(cfg.run_dir).progress()
+    if done and not cfg.resume:
+        console.print(f"[red]{cfg.run_dir} already holds a run ({done.round} of {done.total_rounds} rounds done)[/]; "
+                      f"continue it with --resume {cfg.run_dir}, or pick another --run-dir (e.g. make demo "
+                      f"DEMO_DIR=runs/demo2)")
+        raise typer.Exit(2)
 
 
 def start_dashboard(run_dir: Path, registry: Path, port: int):
