@@ -187,7 +187,8 @@ def rounds_table(events: list[dict]) -> Table:
 def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cameras (one Flower node each)."),
                  rounds: Optional[int] = typer.Option(None), strategy: Optional[str] = typer.Option(None),
                  run_dir: Optional[Path] = typer.Option(None, help="Run folder (events, checkpoints, snapshots)."),
-                 scenario: Optional[Path] = typer.Option(None, help="Run-config TOML, e.g. simulations/scenarios/*.toml"),
+                 scenario: Optional[Path] = typer.Option(None,
+                                                         help="Run-config TOML, e.g. simulations/scenarios/*.toml"),
                  resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder."),
                  timeout: float = typer.Option(3600.0, help="Give up (and stop everything) after this many seconds."),
                  dashboard_port: int = typer.Option(8080, help="Live dashboard on 127.0.0.1 during the run (0: off)."),
@@ -234,16 +235,15 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
 
 
 def refuse_finished_run(cfg) -> None:
-    """Before any work: a run folder holding rounds is never overwritten (the ServerApp refuses too, but only
-    after the teacher, the student and Ray have started, and the old run's table would read like this one's)."""
-    from server.checkpoint import RunCheckpoints
+    """Before any work: the ServerApp refuses too, but only after the teacher, the student and Ray have started,
+    and the old run's table would then read like this one's."""
+    from server.run import RunExists, resume_point
 
-    done = RunCheckpoints(cfg.run_dir).progress()
-    if done and not cfg.resume:
-        console.print(f"[red]{cfg.run_dir} already holds a run ({done.round} of {done.total_rounds} rounds done)[/]; "
-                      f"continue it with --resume {cfg.run_dir}, or pick another --run-dir (e.g. make demo "
-                      f"DEMO_DIR=runs/demo2)")
-        raise typer.Exit(2)
+    try:
+        resume_point(cfg)
+    except RunExists as err:
+        console.print(f"[red]{err}[/] (e.g. make demo DEMO_DIR=runs/demo2)")
+        raise typer.Exit(2) from None
 
 
 def start_dashboard(run_dir: Path, registry: Path, port: int):

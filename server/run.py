@@ -23,16 +23,24 @@ class RunExists(RuntimeError):
     """The run folder already holds rounds and resume was not asked for: never overwrite them."""
 
 
+def resume_point(cfg: Config) -> Progress | None:
+    """The run folder's last completed round (None: a fresh folder); RunExists if it has rounds and resume is off.
+    The CLI asks before any work starts; the ServerApp asks again, for runs started by other means."""
+    progress = RunCheckpoints(cfg.run_dir).progress()
+    if progress and not cfg.resume:
+        raise RunExists(f"{cfg.run_dir} already has {progress.round} completed rounds (of {progress.total_rounds}): "
+                        f"resume it (--resume {cfg.run_dir}) or pick a new run-dir")
+    return progress
+
+
 class FederatedRun:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.dir = Path(cfg.run_dir)
+        progress = resume_point(cfg)  # before anything is written into the folder
         self.checkpoints = RunCheckpoints(self.dir)
         self.bus = EventBus([JsonlLog(self.dir / "events.jsonl"), RunStore(self.dir / "fedcam.sqlite")])
         self.done, self.state = 0, {}
-        progress = self.checkpoints.progress()
-        if progress and not cfg.resume:
-            raise RunExists(f"{self.dir} already has {progress.round} completed rounds: resume it or pick a new run-dir")
         self.model = self._initial_model()
         self.arrays = to_record(self.model)
         if progress:  # resume from the last completed round
