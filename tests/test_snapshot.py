@@ -70,6 +70,8 @@ def test_int8_graph_runs_integer_convs_and_stays_close(trained, tmp_path):
     int8 = quantize(fp32, tmp_path / "int8.onnx", frames, "x86")
     report = inspect_optimized(int8, tmp_path)
     assert report.int8_convs >= 40 and report.float_convs <= 8  # only the head's last convs and DFL stay float
+    # Every activation runs in int8, the head's hidden ones too; the one float Sigmoid is the decode's class scores.
+    assert report.ops.get("Sigmoid", 0) == 1 and "Relu" not in report.ops
     a, b = OnnxPredictor(fp32).raw(frames), OnnxPredictor(int8).raw(frames)
     scores_a, scores_b = a[:, 4:], b[:, 4:]
     assert np.abs(scores_a - scores_b).mean() < 0.02
