@@ -20,37 +20,53 @@ from shared.config import load_config
 from shared.evaluate import OnnxPredictor, evaluate
 
 
-MODES = {  # how models take turns on the cores: runs back to back per turn (the first of a turn is not counted)
-    "cold": 1,  # one run each in turn: every run starts with the other models' weights in the caches
-    "steady": 10,  # ten in a row: a camera streaming frames through one model
+MODES = {  # how the models take turns on the cores
+    "cold": "one run each in turn, all sessions alive with idle threads asleep (allow_spinning 0, or the waiting "
+            "sessions would steal the cores of the one being timed): every run starts with the other models' weights "
+            "in the caches",
+    "steady": "ten runs of one model alone, as the camera's runtime runs it (onnxruntime's defaults: idle threads "
+              "spin, which matters at 2 threads); a new session per turn, three warm-up runs",
 }
+
+
+def _session(path: Path, threads: int, spin: bool):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _timed(sess, x: np.ndarray, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        sess.run(None, {"images": x})
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
 
 
 def latencies(paths: dict[str, Path], imgsz: int, threads: int, runs: int, mode: str = "cold"
               ) -> dict[str, tuple[float, float]]:
-    """p50 and p95 ms per model, timed side by side: the models take turns (MODES), so that a slower or busier
-    minute of the machine hits every model alike. Idle worker threads must not spin (onnxruntime's default),
-    or the sessions waiting for their turn would steal the cores of the one being timed."""
-    import onnxruntime as ort
-
-    sessions = {}
-    for name, path in paths.items():
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    """p50 and p95 ms per model, timed side by side (MODES): the models take turns, so that a slower or busier
+    minute of the machine hits every model alike."""
     x = np.random.default_rng(0).integers(0, 255, (1, 3, imgsz, imgsz)).astype(np.float32) / 255
-    per_turn = MODES[mode]
-    uncounted = 1 if per_turn > 1 else 0  # a turn of several runs starts with one that refills the caches
-    warm = max(1, 5 // per_turn)  # turns that warm up
     times: dict[str, list[float]] = {name: [] for name in paths}
-    for turn in range(-(-runs // per_turn) + warm):
-        for name, sess in sessions.items():
-            for i in range(uncounted + per_turn):
-                t0 = time.perf_counter()
-                sess.run(None, {"images": x})
-                if turn >= warm and i >= uncounted:
-                    times[name].append((time.perf_counter() - t0) * 1000)
+    if mode == "cold":
+        sessions = {name: _session(path, threads, spin=False) for name, path in paths.items()}
+        for turn in range(runs + 5):  # 5 turns warm up
+            for name, sess in sessions.items():
+                t = _timed(sess, x, 1)
+                times[name] += t if turn >= 5 else []
+    else:
+        for _ in range(-(-runs // 10)):
+            for name, path in paths.items():
+                sess = _session(path, threads, spin=True)  # alone: the other sessions and their threads are gone
+                _timed(sess, x, 3)
+                times[name] += _timed(sess, x, 10)
+                del sess
     return {n: (float(np.median(t)), float(np.percentile(t, 95))) for n, t in times.items()}
 
 
