@@ -56,10 +56,11 @@ def latencies(paths: dict[str, Path], imgsz: int, threads: int, runs: int, mode:
     times: dict[str, list[float]] = {name: [] for name in paths}
     if mode == "cold":
         sessions = {name: _session(path, threads, spin=False) for name, path in paths.items()}
-        for turn in range(runs + 5):  # 5 turns warm up
+        for turn in range(runs + 5):
             for name, sess in sessions.items():
                 t = _timed(sess, x, 1)
-                times[name] += t if turn >= 5 else []
+                if turn >= 5:  # the first 5 turns warm up
+                    times[name] += t
     else:
         for _ in range(-(-runs // 10)):
             for name, path in paths.items():
