@@ -80,14 +80,13 @@ def float_nodes(onnx_path: Path, first_layers: int = 0) -> list[str]:
     convs = [n.name for n in graph.node if n.op_type == "Conv"]
     head = max(int(m.group(1)) for n in convs if (m := re.match(r"/model\.(\d+)/", n)))
     keep_float = re.compile(rf"/model\.{head}/(dfl/|cv[23]\.\d+/cv[23]\.\d+\.2/)")
-    # The branches' hidden activations stay int8 (the int8 convs absorb them); excluding them too cost a
-    # dequantize/quantize round trip and a float Relu per hidden layer (6 + 6 nodes in this head).
-    hidden = re.compile(rf"/model\.{head}/cv[23]\.\d+/cv[23]\.\d+\.[01]/")
-    after_head = [n.name for n in graph.node if n.name.startswith(f"/model.{head}/") and n.op_type != "Conv"
-                  and not hidden.match(n.name)]
+    # The decode: the head's nodes outside its conv branches. The branches' activations stay int8 (their int8
+    # convs absorb them); keeping them float cost a dequantize/quantize round trip per hidden layer.
+    branch = re.compile(rf"/model\.{head}/cv[23]\.\d+/")
+    decode = [n.name for n in graph.node if n.name.startswith(f"/model.{head}/") and not branch.match(n.name)]
     stem = tuple(f"/model.{i}/" for i in range(min(first_layers, head)))
     early = [n.name for n in graph.node if stem and n.name.startswith(stem)]
-    return [n for n in convs if keep_float.search(n)] + after_head + early
+    return [n for n in convs if keep_float.search(n)] + decode + early
 
 
 class FrameReader(CalibrationDataReader):
