@@ -8,7 +8,7 @@ DEMO_DIR ?= runs/demo
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[full,test]'
 	touch $@
 
 setup: $(VENV)/.installed
