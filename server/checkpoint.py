@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from shared.arrays import to_record, to_state_dict
+from shared.models import checkpoint_blob, is_fedcam
 
 
 @dataclass
@@ -22,15 +23,18 @@ class Progress:
 
 
 class RunCheckpoints:
-    """RUN_DIR/checkpoints/: global_rNNNN.pt (plain tensors), state_rNNNN.npz, and progress.json last."""
+    """RUN_DIR/checkpoints/: global_rNNNN.pt (a fedcam checkpoint: weights, model yaml and names, so `fedcam eval`
+    and models.load read it alone), state_rNNNN.npz, and progress.json last."""
 
     def __init__(self, run_dir: Path | str):
         self.dir = Path(run_dir) / "checkpoints"
 
-    def save(self, rnd: int, arrays: ArrayRecord, state: dict[str, np.ndarray], progress: Progress) -> Path:
+    def save(self, rnd: int, arrays: ArrayRecord, state: dict[str, np.ndarray], progress: Progress,
+             model_yaml: dict, names: list[str]) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         weights = self.dir / f"global_r{rnd:04d}.pt"
-        _atomic(weights, lambda p: torch.save(dict(to_state_dict(arrays)), p))
+        blob = checkpoint_blob(model_yaml, names, dict(to_state_dict(arrays)), round=rnd, strategy=progress.strategy)
+        _atomic(weights, lambda p: torch.save(blob, p))
         _atomic(self.dir / f"state_r{rnd:04d}.npz", lambda p: np.savez(p, **state), suffix=".npz")
         # progress.json is written last: a crash before it leaves the previous round as the resume point.
         _atomic(self.dir / "progress.json", lambda p: p.write_text(json.dumps(vars(progress))))
@@ -44,7 +48,8 @@ class RunCheckpoints:
         weights = self.dir / f"global_r{rnd:04d}.pt"
         if not weights.exists():
             raise FileNotFoundError(f"checkpoint of round {rnd} missing: {weights}")
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        blob = torch.load(weights, map_location="cpu", weights_only=True)
+        state_dict = blob["state_dict"] if is_fedcam(blob) else blob  # before the format: plain tensors
         with np.load(self.dir / f"state_r{rnd:04d}.npz", allow_pickle=False) as z:
             state = {k: z[k] for k in z.files}
         return to_record(state_dict), state

@@ -148,18 +148,22 @@ def distill_cmd(teacher: Path = typer.Option(..., help="Teacher checkpoint (fedc
 
 
 @app.command("eval")
-def eval_cmd(checkpoint: Path = typer.Option(...), data: Path = typer.Option(...),
-             split: str = typer.Option("val"), json_out: bool = typer.Option(False, "--json"),
-             sets: Optional[list[str]] = SetOpt):
-    """Evaluate a checkpoint: mAP50 and mAP50-95, overall and per class."""
-    from shared import models, task
+def eval_cmd(checkpoint: Path = typer.Option(..., help="A .pt (fedcam, Ultralytics, global_rNNNN), snapshot or .onnx."),
+             data: Path = typer.Option(...), split: str = typer.Option("val"),
+             json_out: bool = typer.Option(False, "--json"), sets: Optional[list[str]] = SetOpt):
+    """Evaluate a model file: mAP50 and mAP50-95, overall and per class (ONNX at its own input size)."""
+    from shared import model_files
 
-    cfg = config_from(sets)
-    result = task.score(models.load(checkpoint), data, cfg, split)
+    try:
+        model = model_files.open_model(checkpoint)
+        result = model_files.score(model, data, config_from(sets), split)  # checks the names against the data
+    except (model_files.ModelFileError, model_files.DataError) as err:
+        typer.echo(f"error: {' '.join(str(err).split())}", err=True)  # one line, never a traceback
+        raise typer.Exit(2) from None
     if json_out:
-        typer.echo(json.dumps({"map50": result.map50, "map": result.map, "per_class": result.per_class}))
+        typer.echo(json.dumps({"kind": model.kind, **vars(result)}))  # map50, map, per_class, images, targets
     else:
-        print_eval(f"{checkpoint.name} on {data} ({split})", result)
+        print_eval(f"{checkpoint.name} ({model.kind}) on {data} ({split})", result)
 
 
 def main() -> None:

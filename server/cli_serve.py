@@ -13,22 +13,22 @@ from server.cli import SetOpt, app, config_from, console
 
 @app.command("snapshot")
 def snapshot_cmd(checkpoint: Path = typer.Option(..., help="fedcam/Ultralytics checkpoint, or a run's global_rNNNN.pt"),
-                 run: Optional[Path] = typer.Option(None, help="Run folder: its config and (for global_r*.pt) model."),
+                 run: Optional[Path] = typer.Option(None, help="Run folder: its config (snapshot.*, data)."),
                  round_: int = typer.Option(0, "--round", help="Round number to record in the manifest."),
                  sets: Optional[list[str]] = SetOpt):
     """Make a snapshot by hand: prune, recover, export, quantize, gate, sign and publish."""
-    import torch
-
     from server.snapshot import make_snapshot, registry_for
-    from shared import models
+    from shared import model_files
 
     base = json.loads((run / "run_config.json").read_text()) if run else {}
     cfg = config_from(sets, {**base, "resume": True} if run else {})
-    if checkpoint.name.startswith("global_r"):  # plain state dict of a run's round: architecture from the run
-        model = models.load(cfg.model.student_checkpoint)
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    else:
-        model = models.load(checkpoint)
+    try:  # round checkpoints describe their model (older ones: rebuilt from their run's run_config.json)
+        model = model_files.open_model(checkpoint).model
+        if model is None:
+            raise model_files.ModelFileError(f"{checkpoint}: an ONNX model; expected torch weights to snapshot")
+    except model_files.ModelFileError as err:
+        typer.echo(f"error: {' '.join(str(err).split())}", err=True)
+        raise typer.Exit(2) from None
     with console.status("making the snapshot (prune, recover, export, quantize, gate)"):
         result = make_snapshot(model, cfg, round_, str(checkpoint), registry_for(cfg))
     m = result.manifest

@@ -84,7 +84,8 @@ class FederatedRun:
             saved = ""
             if server_round > 0:
                 saved = str(self.checkpoints.save(rnd, arrays, strategy.state_arrays(),
-                                                  Progress(rnd, self.cfg.fed.rounds, self.cfg.fed.strategy)))
+                                                  Progress(rnd, self.cfg.fed.rounds, self.cfg.fed.strategy),
+                                                  self.model.yaml, self.names))
             self.bus.emit("round_end", rnd, arrays=arrays, central=metrics, eval_seconds=time.time() - started,
                           checkpoint=saved)
             return MetricRecord(metrics)

@@ -85,12 +85,18 @@ def gflops(model: DetectionModel, imgsz: int) -> float:
     return float(get_flops(model, imgsz))
 
 
+def checkpoint_blob(yaml: dict[str, Any], names: list[str], state_dict: dict[str, torch.Tensor],
+                    **meta: Any) -> dict[str, Any]:
+    """The fedcam checkpoint: weights + model yaml + names, plain tensors and dicts (for student, teacher, rounds)."""
+    return {"format": FORMAT, "yaml": yaml, "names": list(names), "state_dict": state_dict, "meta": meta}
+
+
 def save(model: DetectionModel, path: Path | str, **meta: Any) -> Path:
     """Write weights + model yaml + names as plain tensors and dicts (loadable with weights_only=True)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {"format": FORMAT, "yaml": model.yaml, "names": [model.names[i] for i in sorted(model.names)],
-            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, "meta": meta}
+    blob = checkpoint_blob(model.yaml, [model.names[i] for i in sorted(model.names)],
+                           {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, **meta)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(blob, tmp)
     tmp.replace(path)  # atomic: a crash never leaves a truncated checkpoint under the real name
@@ -102,10 +108,22 @@ def load(path: Path | str) -> DetectionModel:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    blob = _safe_torch_load(path)
-    if isinstance(blob, dict) and blob.get("format") == FORMAT:
+    return from_blob(read(path), path)
+
+
+def is_fedcam(blob: Any) -> bool:
+    return isinstance(blob, dict) and blob.get("format") == FORMAT
+
+
+def from_blob(blob: Any, path: Path | str) -> DetectionModel:
+    """The detector in what read() returned: a fedcam checkpoint, or an Ultralytics one (its EMA model first)."""
+    if is_fedcam(blob):
         model = build(blob["yaml"], blob["names"])
-        model.load_state_dict(blob["state_dict"])
+        try:
+            model.load_state_dict(blob["state_dict"])
+        except RuntimeError as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(f"{path}: weights do not fit the checkpoint's own model yaml ({first})") from None
         return model
     src = blob.get("ema") or blob.get("model") if isinstance(blob, dict) else None
     if not isinstance(src, DetectionModel):
@@ -122,10 +140,16 @@ _SAFE_PREFIXES = ("torch.nn.modules.", "ultralytics.nn.", "ultralytics.utils.", 
 _SAFE_NAMES = {"types.SimpleNamespace", "builtins.set", "builtins.frozenset", "pathlib.PosixPath"}
 
 
-def _safe_torch_load(path: Path) -> Any:
+def read(path: Path) -> Any:
+    """torch.load(weights_only=True), allowlisting only the layer classes an Ultralytics checkpoint pickles."""
     import importlib
     import pickle
+    import zipfile
 
+    with open(path, "rb") as f:
+        legacy = f.read(1) == b"\x80"  # a pickle (torch's format before zip) starts with its protocol opcode
+    if not legacy and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a torch checkpoint (neither torch's zip format nor a pickle)")
     allowed: list[Any] = []
     for _ in range(200):  # each pass allowlists one more module class the file names
         try:

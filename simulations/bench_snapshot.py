@@ -15,7 +15,7 @@ import torch
 import shared  # noqa: F401
 from server.export import export_onnx, inspect_optimized, quantize
 from server.snapshot import calibration_frames, pruned_student
-from shared import models, task
+from shared import model_files, models, task
 from shared.config import load_config
 from shared.evaluate import OnnxPredictor, evaluate
 
@@ -130,9 +130,8 @@ def main() -> None:
     sets = dict(item.split("=", 1) for item in args.set)
     cfg = load_config({**json.loads((run / "run_config.json").read_text()), "resume": True, **sets})
     task.set_threads(cfg.train.threads)
-    student = models.load(cfg.model.student_checkpoint)
     last = sorted((run / "checkpoints").glob("global_r*.pt"))[-1]
-    student.load_state_dict(torch.load(last, weights_only=True))
+    student = model_files.open_model(last).model  # round checkpoints old (plain weights) and new
     teacher = models.build_teacher(cfg.model, [student.names[i] for i in sorted(student.names)])
     held = [task.camera_yaml(cfg, k) for k in range(cfg.data.cameras)]
     names = [student.names[i] for i in sorted(student.names)]

@@ -55,8 +55,8 @@ def test_resume_ends_with_the_same_weights(tiny_run, tiny_cfg, tiny_world, tmp_p
     assert simulation.launch(cfg, 2, timeout=300) == 0
     resumed = cfg.replace(**{"fed.rounds": 2, "resume": True})
     assert simulation.launch(resumed, 2, timeout=300) == 0
-    a = torch.load(RunCheckpoints(full_cfg.run_dir).latest_weights(), weights_only=True)
-    b = torch.load(RunCheckpoints(cfg.run_dir).latest_weights(), weights_only=True)
+    a = torch.load(RunCheckpoints(full_cfg.run_dir).latest_weights(), weights_only=True)["state_dict"]
+    b = torch.load(RunCheckpoints(cfg.run_dir).latest_weights(), weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k].double(), b[k].double(), atol=1e-5, rtol=1e-4), k
