@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
-from shared.evaluate import TorchPredictor, evaluate, match
+from shared.evaluate import NmsSettings, TorchPredictor, evaluate, match
 
 NAMES = ["person", "car", "bicycle"]
 SIZE = 64
@@ -74,3 +76,18 @@ def test_match_respects_class_and_iou():
 def test_torch_predictor_runs_a_model(tiny_student):
     dets = TorchPredictor(tiny_student)(np.zeros((2, 3, 64, 64), np.uint8))
     assert len(dets) == 2 and all(d.shape[1] == 6 for d in dets)
+
+
+def test_nms_never_drops_images_on_a_slow_machine(monkeypatch, tiny_student):
+    """Ultralytics' NMS stops on a timer by default; a stalled machine (a clock jumping 10 s per look) must not
+    change what the evaluation sees."""
+    import ultralytics.utils.nms as unms
+
+    images = np.random.default_rng(0).integers(0, 255, (6, 3, 64, 64), dtype=np.uint8)
+    predictor = TorchPredictor(tiny_student, NmsSettings(conf=0.0, iou=0.6))
+    calm = predictor(images)
+    clock = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(unms, "time", SimpleNamespace(time=lambda: float(next(clock))))
+    stalled = predictor(images)
+    assert all(len(d) > 0 for d in calm)
+    assert len(stalled) == len(calm) and all(np.array_equal(a, b) for a, b in zip(calm, stalled))
