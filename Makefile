@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-fast bench clean-runs
+.PHONY: setup demo test test-fast test-basic-isa bench clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: setup
 
 test: setup /usr/bin/chromium
 	$(PY) -m pytest -q
+
+# The tests whose verdict rests on float arithmetic or a short training, again with PyTorch and oneDNN held to the
+# most basic x86-64 kernels (another CPU's arithmetic): they must hold on any CPU, not only on this one.
+test-basic-isa: setup
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 $(PY) -m pytest -q -m numerics
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

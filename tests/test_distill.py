@@ -80,27 +80,33 @@ def test_pseudo_labels_respect_the_threshold(tiny_cfg, tiny_world):
     assert count(float(scores.min())) >= count(mid)
 
 
+@pytest.mark.numerics
 def test_short_distillation_lowers_the_distillation_loss(tiny_cfg, tiny_world, tiny_student):
     cfg = tiny_cfg.replace(**{"data.root": str(tiny_world), "train.augment": False})
     torch.manual_seed(0)
     teacher = models.build_teacher(cfg.model, cfg.data.names)
-    img = batch_of(cfg, tiny_world)["img"]
-    for m in teacher.modules():  # calibrate BatchNorm so the untrained teacher's eval outputs are not ~0
+    loader = task.make_loader(task.base_yaml(cfg), "train", cfg, False, batch=8)
+    images = [to_float(b)["img"] for b in loader]  # the whole train split, as fit() will see it
+    # Calibrate BatchNorm on every training image, so the untrained teacher's eval outputs are not ~0. Calibrated
+    # on one batch only, its targets for the other images were chaotic (losses 10-96 vs 0.5) and the verdict
+    # flipped with the CPU's kernels.
+    for m in teacher.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.reset_running_stats()
             m.momentum = None
     with torch.no_grad():
-        teacher.train()(img)
+        teacher.train()(torch.cat(images))
     d = Distiller(teacher, tiny_student, DistillWeights(), cfg.data.imgsz)
 
-    def distill_loss():
+    def distill_loss():  # the objective fit() minimizes, over the same images, in the same (train) mode
         with torch.no_grad():
-            return float(d(img, tiny_student.train()(img))[0])
+            return sum(float(d(img, tiny_student.train()(img))[0]) for img in images) / len(images)
 
     before = distill_loss()
-    spec = TrainSpec(epochs=5, lr=1e-3, optimizer="AdamW", det_weight=0.0)
+    spec = TrainSpec(epochs=10, lr=1e-3, optimizer="AdamW", det_weight=0.0)
     task.fit(tiny_student, task.base_yaml(cfg), cfg, spec, extra_loss=d.extra_loss(), aux=d.adapters)
-    assert distill_loss() < 0.9 * before
+    # Measured 0.64-0.65 x before with ATen default/avx2/avx512, oneDNN SSE4.1/AVX2/AVX-512, 1 and 2 threads.
+    assert distill_loss() < 0.85 * before
 
 
 def test_client_with_a_teacher_trains_on_pseudo_labelled_pool(tiny_cfg, tiny_world, tiny_student, tmp_path):

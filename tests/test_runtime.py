@@ -32,8 +32,9 @@ def test_runtime_imports_neither_torch_nor_flwr():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.numerics
 def test_runtime_detections_match_the_evaluation_path(trained, tmp_path):
-    cfg, model = trained
+    cfg, model, _ = trained
     path = export_onnx(model, tmp_path / "m.onnx", 64, {})
     loader = task.make_loader(task.base_yaml(cfg), "val", cfg, False)
     detector = Detector(path, 64, conf=0.05, iou=0.6, max_det=100)

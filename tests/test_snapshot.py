@@ -19,6 +19,7 @@ from shared.snapshot_format import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Sn
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.numerics
 def test_pruned_onnx_is_smaller_runs_and_matches_torch(tiny_cfg, tiny_student, tmp_path):
     x = torch.rand(2, 3, 64, 64)
     pruned = prune(tiny_student, 0.5, 64)
@@ -51,8 +52,9 @@ def test_pruning_keeps_head_outputs_and_narrow_layers(tiny_cfg, tiny_student):
             assert after[name].out_channels % 4 == 0, name
 
 
+@pytest.mark.numerics
 def test_first_layers_can_stay_float(trained, tmp_path):
-    cfg, model = trained
+    cfg, model, _ = trained
     frames = calibration_frames(cfg)
     fp32 = export_onnx(model, tmp_path / "fp32.onnx", 64, {})
     all_int8 = inspect_optimized(quantize(fp32, tmp_path / "a.onnx", frames, "x86"), tmp_path)
@@ -63,8 +65,9 @@ def test_first_layers_can_stay_float(trained, tmp_path):
     assert np.abs(a[:, 4:] - b[:, 4:]).mean() < 0.02
 
 
+@pytest.mark.numerics
 def test_int8_graph_runs_integer_convs_and_stays_close(trained, tmp_path):
-    cfg, model = trained
+    cfg, model, _ = trained
     frames = calibration_frames(cfg)
     fp32 = export_onnx(model, tmp_path / "fp32.onnx", 64, {})
     int8 = quantize(fp32, tmp_path / "int8.onnx", frames, "x86")
@@ -83,7 +86,7 @@ def test_int8_graph_runs_integer_convs_and_stays_close(trained, tmp_path):
 def test_ultralytics_loads_and_runs_the_snapshot(trained, tmp_path):
     from ultralytics import YOLO
 
-    cfg, model = trained
+    cfg, model, _ = trained
     path = export_onnx(model, tmp_path / "m.onnx", 64, {"snapshot_version": "v0001"})
     yolo = YOLO(str(path), task="detect")
     image = next((task.base_yaml(cfg).parent / "images" / "val").glob("*.jpg"))
@@ -91,15 +94,19 @@ def test_ultralytics_loads_and_runs_the_snapshot(trained, tmp_path):
     assert result.names == dict(enumerate(cfg.data.names)) and result.boxes is not None
 
 
+@pytest.mark.numerics
 def test_gate_rejects_damaged_candidates_and_falls_back_to_dense(trained, tmp_path):
-    cfg, model = trained
+    cfg, model, ref = trained
     registry = Registry(tmp_path / "snapshots", tmp_path / "key.pem")
-    good = make_snapshot(model, cfg.replace(**{"snapshot.prune-ratio": 0.0, "snapshot.tolerance": 0.03}), 1, "c1",
+    # Tolerances relative to the fixture's own figure: int8 moves a weak model's mAP by a few thousandths, while
+    # cutting 90 % of the channels without recovery takes nearly all of it (the fixture guarantees ref >= 0.05).
+    tolerance = ref / 2
+    good = make_snapshot(model, cfg.replace(**{"snapshot.prune-ratio": 0.0, "snapshot.tolerance": tolerance}), 1, "c1",
                          registry)
-    assert good.manifest.map50_fp32 > 0.02, "the fixture model must detect something for the gate to mean anything"
+    assert good.manifest.map50_fp32 == pytest.approx(ref, abs=1e-6)  # the gate's reference is the fixture's figure
     assert good.published and good.reason == "" and good.manifest.extra["prune_ratio"] == 0.0
     # 90 % of the channels cut and no recovery: the gate rejects that candidate, the dense int8 one is published.
-    fallback = make_snapshot(model, cfg.replace(**{"snapshot.prune-ratio": 0.9, "snapshot.tolerance": 0.01}), 2,
+    fallback = make_snapshot(model, cfg.replace(**{"snapshot.prune-ratio": 0.9, "snapshot.tolerance": tolerance}), 2,
                              "c2", registry)
     assert fallback.published and fallback.manifest.extra["prune_ratio"] == 0.0
     (why,) = fallback.manifest.extra["rejected_candidates"]
@@ -115,7 +122,7 @@ def test_gate_rejects_damaged_candidates_and_falls_back_to_dense(trained, tmp_pa
 
 
 def test_signature_verifies_and_any_flipped_byte_fails(trained, tmp_path):
-    cfg, model = trained
+    cfg, model, _ = trained
     registry = Registry(tmp_path / "snapshots", tmp_path / "key.pem")
     result = make_snapshot(model, cfg.replace(**{"snapshot.prune-ratio": 0.0, "snapshot.tolerance": 1.0}), 1, "", registry)
     folder = registry.root / result.manifest.version
