@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -170,23 +171,6 @@ def main() -> None:
     app()
 
 
-def rounds_table(events: list[dict]) -> Table:
-    table = Table(title="federated rounds")
-    for col in ("round", "sampled", "accepted", "failed", "client loss", "mAP50", "mAP50-95", "seconds"):
-        table.add_column(col, justify="right")
-    train = {e["round"]: e["data"] for e in events if e["kind"] == "train_result"}
-    for e in events:
-        if e["kind"] != "round_end":
-            continue
-        t, c = train.get(e["round"], {}), e["data"].get("central", {})
-        clients = t.get("clients", [])
-        loss = t.get("metrics", {}).get("loss")
-        table.add_row(str(e["round"]), str(len(clients)), str(t.get("accepted", "-")),
-                      str(sum(not x["ok"] for x in clients)), f"{loss:.3f}" if loss is not None else "-",
-                      f"{c.get('map50', 0):.3f}", f"{c.get('map', 0):.3f}", f"{t.get('seconds', 0):.1f}")
-    return table
-
-
 @app.command("simulate")
 def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cameras (one Flower node each)."),
                  rounds: Optional[int] = typer.Option(None), strategy: Optional[str] = typer.Option(None),
@@ -201,6 +185,7 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
     from rich.live import Live
 
     from server import simulation, warmstart
+    from server.cli_live import live_view, rounds_table
     from server.events import read_events
 
     if resume:
@@ -218,9 +203,9 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
     registry = Path(cfg.snapshot.dir or Path(cfg.run_dir) / "snapshots")
     server = start_dashboard(Path(cfg.run_dir), registry, dashboard_port) if dashboard_port else None
     try:
-        with Live(rounds_table([]), console=console, refresh_per_second=1) as live:
-            code = simulation.launch(cfg, cfg.data.cameras, timeout=timeout,
-                                     on_tick=lambda: live.update(rounds_table(read_events(events))))
+        view = lambda: live_view(read_events(events), cfg.fed.rounds, time.time())  # noqa: E731
+        with Live(view(), console=console, refresh_per_second=1) as live:
+            code = simulation.launch(cfg, cfg.data.cameras, timeout=timeout, on_tick=lambda: live.update(view()))
             live.update(rounds_table(read_events(events)))
     finally:
         if server:
@@ -283,6 +268,7 @@ def baseline_cmd(kind: str = typer.Argument(..., help="local (each camera alone)
                  scenario: Optional[Path] = typer.Option(None), sets: Optional[list[str]] = SetOpt):
     """Baselines in the federated harness, same local optimizer and budget per round, same event log."""
     from server import baselines, warmstart
+    from server.cli_live import rounds_table
     from server.events import read_events
 
     if kind not in ("local", "central"):

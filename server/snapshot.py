@@ -8,6 +8,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -23,6 +24,8 @@ from shared.snapshot_format import Manifest, sha256_file
 from shared.train import TrainSpec
 
 log = logging.getLogger("fedcam.server")
+# (stage, done, total): what the snapshot is doing, for progress bars (e.g. "prune 25%: recovering", 40, 120).
+StageProgress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -59,10 +62,13 @@ def latency_ms(path: Path, imgsz: int, runs: int = 30) -> float:
     return float(np.median(times))
 
 
-def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry) -> SnapshotResult:
+def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
+                  progress: StageProgress | None = None) -> SnapshotResult:
     """Gate the pruned int8 candidate; if it loses too much, fall back to the dense int8 one (never to nothing
     while a good snapshot can be made). Only when every candidate fails is the snapshot rejected."""
     s, imgsz, names = cfg.snapshot, cfg.data.imgsz, [dense.names[i] for i in sorted(dense.names)]
+    say = progress or (lambda stage, done, total: None)
+    say("scoring the fp32 student", 0, 1)
     held_out = [task.camera_yaml(cfg, k) for k in range(cfg.data.cameras)]
     loader, settings = (lambda: task.make_loader(held_out, "val", cfg, False)), task.nms_settings(cfg)
     ref = evaluate(TorchPredictor(dense, settings), loader(), names)
@@ -70,7 +76,8 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry)
     with tempfile.TemporaryDirectory() as tmp:
         for ratio in dict.fromkeys([s.prune_ratio, 0.0]):  # the configured ratio first, then no pruning
             work = Path(tmp) / f"prune{ratio}"
-            cand = _candidate(dense, ratio, cfg, frames, work, {"snapshot_version": version, "round": str(rnd)})
+            cand = _candidate(dense, ratio, cfg, frames, work, {"snapshot_version": version, "round": str(rnd)}, say)
+            say(f"prune {ratio:.0%}: scoring the int8 candidate", 0, 1)
             got = evaluate(OnnxPredictor(cand.path, settings, threads=cfg.train.threads), loader(), names)
             drop = ref.map50 - got.map50
             if drop <= s.tolerance:
@@ -104,7 +111,7 @@ class Candidate:
     params: int
 
 
-def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None):
+def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None, progress: StageProgress | None = None):
     """A copy of `dense` with `ratio` of its channels pruned (federated training goes on with the dense model),
     recovered for snapshot.recover-epochs by distillation from `dense` on the server's frames (seeded)."""
     s = cfg.snapshot
@@ -115,14 +122,18 @@ def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None):
         # 0.649 with labels + KD, 0.704 with KD alone, 4 epochs).
         spec = TrainSpec.central(cfg.train, epochs=s.recover_epochs, lr=cfg.train.lr / 2, warmup_steps=0,
                                  det_weight=0.0)
-        task.distill_fit(model, copy.deepcopy(dense), task.base_yaml(cfg), cfg, spec, seed)
+        steps = None if progress is None else (lambda done, total, _loss: progress(
+            f"prune {ratio:.0%}: recovering", done, total))
+        task.distill_fit(model, copy.deepcopy(dense), task.base_yaml(cfg), cfg, spec, seed, progress=steps)
     return model
 
 
-def _candidate(dense, ratio: float, cfg: Config, frames: np.ndarray, work: Path, metadata: dict[str, str]) -> Candidate:
+def _candidate(dense, ratio: float, cfg: Config, frames: np.ndarray, work: Path, metadata: dict[str, str],
+               progress: StageProgress) -> Candidate:
     """1. prune and recover (ratio > 0), 2. export, 3. quantize and check what onnxruntime really runs."""
     s = cfg.snapshot
-    model = pruned_student(dense, ratio, cfg) if ratio > 0 else dense
+    model = pruned_student(dense, ratio, cfg, progress=progress) if ratio > 0 else dense
+    progress(f"prune {ratio:.0%}: export and int8 quantization", 0, 1)
     work.mkdir(parents=True, exist_ok=True)
     fp32 = export_onnx(model, work / "fp32.onnx", cfg.data.imgsz, metadata)
     int8 = quantize(fp32, work / "model.onnx", frames, s.target, s.method, s.float_layers)
@@ -146,8 +157,22 @@ class SnapshotHook:
 
         dense = copy.deepcopy(self.model)
         dense.load_state_dict(to_state_dict(arrays))
-        result = make_snapshot(dense, self.cfg, event.round, event.data.get("checkpoint", ""), self.registry)
+        result = make_snapshot(dense, self.cfg, event.round, event.data.get("checkpoint", ""), self.registry,
+                               self._progress(event.round))
         m = result.manifest
         self.bus.emit("snapshot", event.round, version=m.version, published=result.published, reason=result.reason,
                       map50_fp32=m.map50_fp32, map50_int8=m.map50_int8, size=m.size, latency_ms=m.latency_ms,
                       int8_convs=result.int8_convs, float_convs=result.float_convs)
+
+    def _progress(self, rnd: int) -> StageProgress:
+        """Snapshot stages as events (for the CLI's progress line), at most one a second within a stage."""
+        last = {"stage": "", "time": 0.0}
+
+        def emit(stage: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if stage == last["stage"] and now - last["time"] < 1.0 and done < total:
+                return
+            last.update(stage=stage, time=now)
+            self.bus.emit("snapshot_progress", rnd, stage=stage, done=done, total=total)
+
+        return emit

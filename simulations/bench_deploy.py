@@ -14,6 +14,7 @@ from server.events import read_events
 from server.loopback import Loopback, free_port_block
 from server.warmstart import prepare
 from shared.config import load_config, to_flat
+from shared.cpu_isa import isa_summary
 
 
 def phases(run_dir: Path) -> dict[str, float]:
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--student", default="", help="starting student checkpoint (default: the cached distilled one)")
     args = ap.parse_args()
+    print(f"instruction sets: {isa_summary()}", flush=True)
     out = Path(args.out).resolve()
     common = {"data.root": args.world, "data.cameras": args.cameras, "fed.rounds": args.rounds,
               "snapshot.enabled": False, "train.threads": 1, "fed.round-timeout": 600.0}

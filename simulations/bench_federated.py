@@ -16,6 +16,7 @@ from server.cli import scenario_overrides
 from server.events import read_events
 from shared import models, task
 from shared.config import load_config
+from shared.cpu_isa import isa_summary
 
 SCENARIO = Path(__file__).parent / "scenarios" / "non_iid.toml"
 
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--many", type=int, default=50, help="cameras for the memory measurement (0: skip)")
     ap.add_argument("--reuse", action="append", default=[], help="NAME=RUN_DIR of a finished run of this scenario")
     args = ap.parse_args()
+    print(f"instruction sets: {isa_summary()}", flush=True)
     out = Path(args.out)
     runs = {name: Path(d) for name, _, d in (r.partition("=") for r in args.reuse)}
     for s in args.strategies.split(","):

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from shared.cpu_isa import isa_summary
+
 RUNTIME = """
 import json, resource, sys, time, cv2, numpy as np
 from pathlib import Path
@@ -62,6 +64,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--pulls", type=int, default=100)
     args = ap.parse_args()
+    print(f"instruction sets: {isa_summary()}", flush=True)
     import os
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -17,6 +17,7 @@ from server.export import export_onnx, inspect_optimized, quantize
 from server.snapshot import calibration_frames, pruned_student
 from shared import model_files, models, task
 from shared.config import load_config
+from shared.cpu_isa import isa_summary
 from shared.evaluate import OnnxPredictor, evaluate
 
 
@@ -126,6 +127,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. snapshot.float-layers=0 (the run's own config otherwise)")
     args = ap.parse_args()
+    print(f"instruction sets: {isa_summary()}", flush=True)  # every figure below was measured with these
     run = Path(args.run)
     sets = dict(item.split("=", 1) for item in args.set)
     cfg = load_config({**json.loads((run / "run_config.json").read_text()), "resume": True, **sets})
