@@ -1,4 +1,4 @@
-"""Flower ClientApp: thin Message adapters around client.task (fine-tune and evaluate on this camera's data)."""
+"""Flower ClientApp: thin Message adapters around client.camera (fine-tune and evaluate on this camera's data)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import psutil
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-import shared  # noqa: F401  (offline environment first)
+from shared.env import setup_offline
+
+setup_offline()  # the offline variables, before any library reads them
 
 app = ClientApp()
 
@@ -16,19 +18,19 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     started = time.time()
-    from client import task as ctask  # torch/Ultralytics load on first message, not at import
+    from client import camera  # torch/Ultralytics load on first message, not at import
     from shared.arrays import is_packed, pack, to_record
     from shared.config import load_config
 
     imported = time.time()
     cfg = load_config(context.run_config)
     config = msg.content["config"]
-    model = ctask.global_model(msg.content["arrays"], config)
-    data = ctask.node_data(context.node_config, cfg)
+    model = camera.global_model(msg.content["arrays"], config)
+    data = camera.node_data(context.node_config, cfg)
     # The received global model's score on this camera: Flower's evaluate stage without a second message.
-    before = ctask.local_evaluate(model, data, cfg) if config.get("evaluate-first", False) else {}
-    metrics = ctask.local_finetune(model, data, cfg, config,
-                                   teacher=ctask.teacher_path(context.node_config, cfg))
+    before = camera.local_evaluate(model, data, cfg) if config.get("evaluate-first", False) else {}
+    metrics = camera.local_finetune(model, data, cfg, config,
+                                   teacher=camera.teacher_path(context.node_config, cfg))
     metrics.update({f"global-{k}": v for k, v in before.items()})
     metrics["seconds"] = time.time() - started
     # Where a message's time goes outside training: the process' age when the message arrived (a fresh
@@ -42,10 +44,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from client import task as ctask
+    from client import camera
     from shared.config import load_config
 
     cfg = load_config(context.run_config)
-    model = ctask.global_model(msg.content["arrays"], msg.content["config"])
-    metrics = ctask.local_evaluate(model, ctask.node_data(context.node_config, cfg), cfg)
+    model = camera.global_model(msg.content["arrays"], msg.content["config"])
+    metrics = camera.local_evaluate(model, camera.node_data(context.node_config, cfg), cfg)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

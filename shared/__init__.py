@@ -1,6 +1,4 @@
-"""fedcam shared code: config, data, models, training, evaluation, snapshot format."""
+"""fedcam shared code: config, data, models, training, evaluation, and the torch-free snapshot package.
 
-from shared.env import setup_offline
-
-# Every entry point imports `shared` first, so the offline variables are set before any library reads them.
-setup_offline()
+Importing it sets nothing and imports nothing: entry points call shared.env.setup_offline() themselves.
+"""

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.data.dataset import Sample
-from shared.evaluate import NmsSettings, TorchPredictor
+from shared.evaluate import TorchPredictor
+from shared.snapshot.inference import NmsSettings
 
 
 class DistillError(ValueError):
@@ -106,9 +107,9 @@ class Distiller(nn.Module):
         return lambda batch, preds: self(batch["img"], preds)[0]
 
 
-def pseudo_label(teacher: nn.Module, loader, conf: float) -> list[Sample]:
-    """Teacher detections at confidence >= conf on unlabelled frames, as Samples labelled in original-image coords."""
-    predictor = TorchPredictor(teacher, NmsSettings(conf=conf, iou=0.6, max_det=100))
+def pseudo_label(teacher: nn.Module, loader, settings: NmsSettings) -> list[Sample]:
+    """Teacher detections at confidence >= settings.conf on unlabelled frames, as Samples in original-image coords."""
+    predictor, conf = TorchPredictor(teacher, settings), settings.conf
     samples = []
     for batch in loader:
         dets = predictor(batch["img"].numpy())

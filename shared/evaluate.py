@@ -1,4 +1,4 @@
-"""Detection evaluation (mAP50, mAP50-95, per class) with Ultralytics' NMS and metrics, for any predictor."""
+"""Detection evaluation (mAP50, mAP50-95, per class) with Ultralytics' metrics, for any predictor (torch or ONNX)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from shared.env import prepare_ultralytics
+from shared.snapshot.inference import NmsSettings
 
 prepare_ultralytics()
 from ultralytics.utils.metrics import DetMetrics, box_iou  # noqa: E402
@@ -25,13 +26,6 @@ class Predictor(Protocol):
     def __call__(self, images: np.ndarray) -> list[np.ndarray]: ...
 
 
-@dataclass(frozen=True)
-class NmsSettings:
-    conf: float = 0.001
-    iou: float = 0.6
-    max_det: int = 100
-
-
 def nms(raw: torch.Tensor, s: NmsSettings) -> list[np.ndarray]:
     """Ultralytics NMS on raw head output (B, 4 + nc, anchors) in xywh pixels, never cut short by a timer."""
     # By default it gives up after 2 s + 0.05 s per image and returns nothing for the rest of the batch (a warning
@@ -41,7 +35,7 @@ def nms(raw: torch.Tensor, s: NmsSettings) -> list[np.ndarray]:
 
 
 class TorchPredictor:
-    """Runs a DetectionModel in eval mode; the same interface the ONNX snapshot predictor implements."""
+    """Runs a DetectionModel in eval mode; the interface shared.snapshot.inference.Detector has for ONNX."""
 
     def __init__(self, model: torch.nn.Module, settings: NmsSettings = NmsSettings()):
         self.model, self.settings = model.eval(), settings
@@ -59,9 +53,6 @@ class EvalResult:
     per_class: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (mAP50, mAP50-95)
     images: int = 0
     targets: int = 0
-
-    def as_metrics(self, prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}map50": self.map50, f"{prefix}map": self.map}
 
 
 def match(pred: np.ndarray, gt_cls: np.ndarray, gt_xyxy: np.ndarray) -> np.ndarray:
@@ -112,22 +103,3 @@ def evaluate(predictor: Predictor, batches: Iterable[dict], names: list[str],
     return EvalResult(map50=float(metrics.box.map50), map=float(metrics.box.map), per_class=per_class,
                       images=n_img, targets=n_tgt)
 
-
-class OnnxPredictor:
-    """An ONNX detector (one output, B x (4 + nc) x anchors) run by onnxruntime, then Ultralytics' NMS."""
-
-    def __init__(self, path, settings: NmsSettings = NmsSettings(), threads: int = 1):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-        self.settings = settings
-
-    def raw(self, images: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(images, dtype=np.float32) / 255.0
-        return np.concatenate([self.session.run(None, {self.input: x[i:i + 1]})[0] for i in range(len(x))])
-
-    def __call__(self, images: np.ndarray) -> list[np.ndarray]:
-        return nms(torch.from_numpy(self.raw(images)), self.settings)

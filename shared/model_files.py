@@ -12,8 +12,10 @@ import torch
 
 from shared import models
 from shared.data.dataset import DataError
-from shared.evaluate import EvalResult, NmsSettings, OnnxPredictor, Predictor, TorchPredictor, evaluate
-from shared.snapshot_format import MANIFEST_FILE, MODEL_FILE, Manifest, SnapshotError, sha256_file
+from shared.evaluate import EvalResult, Predictor, TorchPredictor, evaluate
+from shared.snapshot.format import MANIFEST_FILE, MODEL_FILE, Manifest, SnapshotError, sha256_file
+from shared.run_dir import RunDir
+from shared.snapshot.inference import Detector, NmsSettings
 
 EXPECTED = ("a fedcam or Ultralytics .pt checkpoint, a run's checkpoints/global_rNNNN.pt, "
             "a snapshot folder or a detector .onnx")
@@ -35,7 +37,7 @@ class ModelFile:
     def predictor(self, settings: NmsSettings, threads: int = 1) -> Predictor:
         if self.model is not None:
             return TorchPredictor(self.model, settings)
-        return OnnxPredictor(self.onnx, settings, threads=threads)
+        return Detector(self.onnx, settings=settings, threads=threads)
 
     def check_names(self, names: list[str], data: Path | str) -> None:
         if self.names != list(names):
@@ -102,8 +104,9 @@ def _old_round_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> ModelFi
     from shared import task
     from shared.config import load_config
 
-    run_config = path.parent.parent / "run_config.json"
-    if path.parent.name != "checkpoints":
+    run = RunDir(path.parent.parent)
+    run_config = run.config
+    if path.parent != run.checkpoints:
         raise ModelFileError(f"{path}: plain weights without a model description; expected {EXPECTED} (an old "
                              "round checkpoint only inside its run folder's checkpoints/)")
     if not run_config.is_file():

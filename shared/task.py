@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 from shared.config import Config
 from shared.data.augment import AugmentConfig
 from shared.data.dataset import DetectionDataset, collate, load_split, read_data_yaml
-from shared.evaluate import EvalResult, NmsSettings, TorchPredictor, evaluate
+from shared.evaluate import EvalResult, TorchPredictor, evaluate
+from shared.snapshot.inference import NmsSettings
 from shared.train import ExtraLoss, Progress, TrainResult, TrainSpec, train
 
 
@@ -46,16 +47,6 @@ def make_loader(data_yaml: Path | str | list, split: str, cfg: Config, train_mod
     gen = torch.Generator().manual_seed(seed)
     bs = batch or (cfg.train.batch if train_mode else cfg.eval.batch)
     return DataLoader(ds, batch_size=bs, shuffle=train_mode, collate_fn=collate, generator=gen, num_workers=0)
-
-
-def ensure_world(cfg: Config, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Generate the configured camera world under data.root unless it is already there."""
-    from shared.data.world import make_world
-
-    d = cfg.data
-    return make_world(Path(d.root), d.names, d.cameras, cfg.seed, imgsz=d.imgsz, base_train=d.base_train,
-                      base_val=d.base_val, camera_train=d.camera_train, camera_val=d.camera_val,
-                      camera_pool=d.camera_pool, shift=d.shift, progress=progress)
 
 
 def names_of(data_yaml: Path | str | list) -> list[str]:

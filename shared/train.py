@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -38,12 +38,22 @@ class TrainSpec:
         return cls(**{**base, **kw})
 
     @classmethod
-    def local(cls, t: TrainConfig, f: FedConfig, **kw) -> "TrainSpec":
-        # Fine-tuning a good global model: small constant lr, no warmup, BN statistics kept (see README).
-        base = dict(epochs=f.local_epochs, max_steps=f.local_steps, lr=f.local_lr, lr_final=1.0,
-                    optimizer=f.local_optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
-                    freeze_bn=f.freeze_bn, proximal_mu=f.proximal_mu if f.strategy == "fedprox" else 0.0)
-        return cls(**{**base, **kw})
+    def local(cls, t: TrainConfig, f: FedConfig, plan: Mapping[str, Any]) -> "TrainSpec":
+        """A camera's fine-tuning this round: budget and lr from the server's plan (the train message), the rest
+        from the run config. Fine-tuning a good global model: constant lr, no warmup, BN statistics kept."""
+        return cls(epochs=int(plan["local-epochs"]), max_steps=int(plan["local-steps"]), lr=float(plan["lr"]),
+                   lr_final=1.0, optimizer=f.local_optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
+                   freeze_bn=f.freeze_bn, proximal_mu=float(plan.get("proximal-mu", 0.0)))  # FedProx sends mu
+
+
+def local_plan(f: FedConfig) -> dict[str, Any]:
+    """What the server decides, once, about every camera's local training: the train message carries it."""
+    return {"lr": f.local_lr, "local-epochs": f.local_epochs, "local-steps": f.local_steps}
+
+
+def round_seed(seed: int, rnd: int) -> int:
+    """The seed of round `rnd` (sampling and local training), so a resumed run replays the same draws."""
+    return seed * 100_003 + rnd
 
 
 @dataclass

@@ -8,18 +8,21 @@ import sys
 import time
 from pathlib import Path
 
-import shared  # noqa: F401
-from server import simulation
-from server.events import read_events
-from server.loopback import Loopback, free_port_block
-from server.warmstart import prepare
+from shared.env import setup_offline
+
+setup_offline()  # the offline variables, before any library reads them
+from server.local import simulation
+from server.federation.events import read_events
+from server.local.loopback import Loopback, free_port_block
+from server.local.warmstart import prepare
+from shared.run_dir import RunDir
 from shared.config import load_config, to_flat
 from shared.cpu_isa import isa_summary
 
 
 def phases(run_dir: Path) -> dict[str, float]:
     """Median per round: whole round, train phase (sent -> all updates back), and the clients' own figures."""
-    ev = read_events(run_dir / "events.jsonl")
+    ev = read_events(RunDir(run_dir).events)
     ends = {e["round"]: e["time"] for e in ev if e["kind"] == "round_end"}
     starts = {e["round"]: e["time"] for e in ev if e["kind"] == "round_start"}
     trains = {e["round"]: e for e in ev if e["kind"] == "train_result"}

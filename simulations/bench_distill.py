@@ -9,10 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-import shared  # noqa: F401
-from server.events import read_events
-from server.warmstart import ensure_teacher
+from shared.env import setup_offline
+
+setup_offline()  # the offline variables, before any library reads them
+from server.federation.events import read_events
+from server.local.warmstart import ensure_teacher
+from server.local.world import ensure_world
 from shared import models, task
+from shared.run_dir import RunDir
 from shared.config import load_config
 from shared.train import TrainSpec
 
@@ -79,7 +83,7 @@ def federated_arms(student: Path, teacher: Path, rounds: int, local_epochs: int,
                "--set", f"model.student-checkpoint={student}", "--set", f"model.teacher-checkpoint={teacher}",
                "--set", f"distill.on-clients={on}", "--set", f"fed.local-epochs={local_epochs}",
                "--set", "snapshot.enabled=false")
-        ev = read_events(run / "events.jsonl")
+        ev = read_events(RunDir(run).events)
         curves[arm] = {e["round"]: e["data"]["central"] for e in ev
                        if e["kind"] == "round_end" and "central" in e["data"]}
         pseudo = [c["metrics"].get("pseudo-labelled", 0) for e in ev if e["kind"] == "train_result"
@@ -111,7 +115,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config({"data.root": args.world, "data.cameras": 4, "train.epochs": args.teacher_epochs,
                        "train.threads": 2})
-    task.ensure_world(cfg)
+    ensure_world(cfg)
     t0 = time.perf_counter()
     teacher = ensure_teacher(cfg).resolve()
     print(f"teacher {teacher} ({args.teacher_epochs} epochs; cached; {time.perf_counter() - t0:.0f}s here)")

@@ -11,10 +11,13 @@ from pathlib import Path
 
 import psutil
 
-import shared  # noqa: F401
-from server.cli import scenario_overrides
-from server.events import read_events
+from shared.env import setup_offline
+
+setup_offline()  # the offline variables, before any library reads them
+from server.cli.common import scenario_overrides
+from server.federation.events import read_events
 from shared import models, task
+from shared.run_dir import RunDir
 from shared.config import load_config
 from shared.cpu_isa import isa_summary
 
@@ -28,7 +31,7 @@ def fedcam(*args: str) -> float:
 
 
 def curve(run_dir: Path, key: str) -> dict[int, float]:
-    return {e["round"]: e["data"]["central"][key] for e in read_events(run_dir / "events.jsonl")
+    return {e["round"]: e["data"]["central"][key] for e in read_events(RunDir(run_dir).events)
             if e["kind"] == "round_end" and key in e["data"].get("central", {})}
 
 
@@ -94,8 +97,8 @@ def main() -> None:
 
     # Overhead: the same local work (same steps, same threads) done directly, no Flower, no Ray.
     cfg = load_config({**scenario_overrides(SCENARIO), "fed.rounds": args.rounds})
-    from client.task import local_evaluate, local_finetune
-    from server.warmstart import prepare
+    from client.camera import local_evaluate, local_finetune
+    from server.local.warmstart import prepare
 
     cfg = prepare(cfg)
     start = models.load(cfg.model.student_checkpoint)
@@ -107,7 +110,7 @@ def main() -> None:
             local_evaluate(net, task.camera_yaml(cfg, k), cfg)  # the clients' federated evaluation
         task.score_cameras(start, cfg)  # the server's central evaluation
     direct = time.perf_counter() - t0
-    ev = read_events(runs["fedavg"] / "events.jsonl") if "fedavg" in runs else []
+    ev = read_events(RunDir(runs["fedavg"]).events) if "fedavg" in runs else []
     ends = [e["time"] for e in ev if e["kind"] == "round_end" and e["round"] <= args.rounds]  # no snapshot work
     sim = ends[-1] - ev[0]["time"] if ends else float("nan")
     print(f"\noverhead: simulation {sim:.0f}s vs direct {direct:.0f}s for the same training and evaluation "

@@ -6,7 +6,10 @@ import argparse
 import copy
 import time
 
-import shared  # noqa: F401
+from shared.env import setup_offline
+
+setup_offline()  # the offline variables, before any library reads them
+from server.local.world import ensure_world
 from shared import models, task
 from shared.config import load_config
 from shared.train import TrainSpec
@@ -25,7 +28,7 @@ def main() -> None:
                        "train.threads": 2})
     d = cfg.data
     t0 = time.perf_counter()
-    task.ensure_world(cfg)
+    ensure_world(cfg)
     print(f"world: {d.cameras} cameras, imgsz {d.imgsz}, made/checked in {time.perf_counter() - t0:.1f}s")
     base = task.base_yaml(cfg)
     names = task.names_of(base)

@@ -17,16 +17,16 @@ from shared.cpu_isa import isa_summary
 RUNTIME = """
 import json, resource, sys, time, cv2, numpy as np
 from pathlib import Path
-from client.runtime.detector import Detector
-from shared.snapshot_format import Manifest
+from shared.snapshot.format import Manifest
+from shared.snapshot.inference import Detector, device_settings
 folder, frames = Path(sys.argv[1]), sorted(Path(sys.argv[2]).glob("*.jpg"))[:int(sys.argv[3])]
 m = Manifest.from_bytes((folder / "manifest.json").read_bytes())
-det = Detector(folder / "model.onnx", m.imgsz, threads=1)
+det = Detector(folder / "model.onnx", m.imgsz, device_settings(m, 0.25), threads=1)
 imgs = [cv2.imread(str(f)) for f in frames]
-det(imgs[0])
+det.detect(imgs[0])
 t = []
 for img in imgs:
-    t0 = time.perf_counter(); det(img); t.append((time.perf_counter() - t0) * 1000)
+    t0 = time.perf_counter(); det.detect(img); t.append((time.perf_counter() - t0) * 1000)
 print(json.dumps({"p50": float(np.median(t)), "p95": float(np.percentile(t, 95)),
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "torch_loaded": "torch" in sys.modules}))
@@ -35,7 +35,8 @@ print(json.dumps({"p50": float(np.median(t)), "p95": float(np.percentile(t, 95))
 ULTRA = """
 import json, resource, sys, time, numpy as np, cv2, torch
 torch.set_num_threads(1)
-import shared
+from shared.env import prepare_ultralytics
+prepare_ultralytics()
 from pathlib import Path
 from ultralytics import YOLO
 folder, frames = Path(sys.argv[1]), sorted(Path(sys.argv[2]).glob("*.jpg"))[:int(sys.argv[3])]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -12,13 +11,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import shared  # noqa: F401
-from server.export import export_onnx, inspect_optimized, quantize
-from server.snapshot import calibration_frames, pruned_student
+from shared.env import setup_offline
+
+setup_offline()  # the offline variables, before any library reads them
+from server.snapshots.export import export_onnx, inspect_optimized, quantize
+from server.snapshots.pipeline import calibration_frames, pruned_student
 from shared import model_files, models, task
 from shared.config import load_config
+from shared.run_dir import RunDir
+from server.federation.checkpoint import RunCheckpoints
 from shared.cpu_isa import isa_summary
-from shared.evaluate import OnnxPredictor, evaluate
+from shared.evaluate import evaluate
+from shared.snapshot.inference import Detector
 
 
 MODES = {  # how the models take turns on the cores
@@ -130,9 +134,9 @@ def main() -> None:
     print(f"instruction sets: {isa_summary()}", flush=True)  # every figure below was measured with these
     run = Path(args.run)
     sets = dict(item.split("=", 1) for item in args.set)
-    cfg = load_config({**json.loads((run / "run_config.json").read_text()), "resume": True, **sets})
+    cfg = load_config({**RunDir(run).overrides(), "resume": True, **sets})
     task.set_threads(cfg.train.threads)
-    last = sorted((run / "checkpoints").glob("global_r*.pt"))[-1]
+    last = RunCheckpoints(run).latest_weights()
     student = model_files.open_model(last).model  # round checkpoints old (plain weights) and new
     teacher = models.build_teacher(cfg.model, [student.names[i] for i in sorted(student.names)])
     held = [task.camera_yaml(cfg, k) for k in range(cfg.data.cameras)]
@@ -194,7 +198,7 @@ def main() -> None:
 
 def map50(path: Path, cfg, held, names) -> float:
     """Pooled camera-val mAP50 of an ONNX detector, with the run's NMS settings."""
-    return evaluate(OnnxPredictor(path, task.nms_settings(cfg), threads=2), task.make_loader(held, "val", cfg, False),
+    return evaluate(Detector(path, settings=task.nms_settings(cfg), threads=2), task.make_loader(held, "val", cfg, False),
                     names).map50
 
 

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import shared  # noqa: F401  (offline environment first)
+from shared.env import setup_offline
+
+setup_offline()  # the offline variables, before any library reads them
+from server.local.world import ensure_world
 from shared.config import load_config
 
 TINY = {
@@ -25,10 +28,10 @@ def tiny_cfg():
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory, tiny_cfg) -> Path:
-    from shared import task
+    from server.local.world import ensure_world
 
     out = tmp_path_factory.mktemp("world")
-    task.ensure_world(tiny_cfg.replace(**{"data.root": str(out)}))
+    ensure_world(tiny_cfg.replace(**{"data.root": str(out)}))
     return out
 
 
@@ -45,7 +48,7 @@ TRAINED_MAP50, TRAINED_CHUNK_EPOCHS, TRAINED_MAX_CHUNKS = 0.05, 10, 12
 
 
 def gate_map50(model, cfg) -> float:
-    """mAP50 on the cameras' pooled val splits: the figure the snapshot gate compares (server.snapshot)."""
+    """mAP50 on the cameras' pooled val splits: the figure the snapshot gate compares (server.snapshots.pipeline)."""
     from shared import task
 
     return task.score(model, [task.camera_yaml(cfg, k) for k in range(cfg.data.cameras)], cfg).map50
@@ -69,7 +72,7 @@ def trained(tmp_path_factory, tiny_cfg):
     cfg = tiny_cfg.replace(**{"data.root": str(root), "data.base-train": 64, "data.cameras": 1,
                               "data.camera-val": 32, "snapshot.calib-frames": 16, "snapshot.recover-epochs": 0,
                               "model.student-activation": "silu"})
-    task.ensure_world(cfg)
+    ensure_world(cfg)
     torch.manual_seed(0)
     model = models.build_student(cfg.model, cfg.data.names)
     seen = []
@@ -87,7 +90,7 @@ GUARD = Path(__file__).parent / "egress_guard"
 
 
 def sim_cfg(tiny_cfg, world: Path, run_dir: Path, **flat):
-    from server import warmstart
+    from server.local import warmstart
 
     cfg = tiny_cfg.replace(**{"data.root": str(world), "run-dir": str(run_dir), "fed.rounds": 2,
                               "fed.local-epochs": 1, "fed.local-lr": 0.01, "fed.round-timeout": 120.0, **flat})
@@ -106,7 +109,7 @@ def egress_shim(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_cfg, tiny_world, egress_shim):
     """A real 2-camera, 2-round simulation (ending in a snapshot), every process under the LD_PRELOAD egress guard."""
-    from server import simulation
+    from server.local import simulation
 
     run_dir = tmp_path_factory.mktemp("run")
     log, shim = run_dir / "egress.jsonl", egress_shim

@@ -13,6 +13,7 @@ import pytest
 from client.runtime.cli import frames
 from client.runtime.collector import FrameStore, collect
 from shared.data.dataset import read_data_yaml
+from shared.train import local_plan
 
 
 def scene(i: int, size: int = 64) -> np.ndarray:
@@ -64,7 +65,7 @@ def test_collect_from_a_video_file_through_the_cli(tmp_path):
 
 
 def test_client_trains_from_an_unlabelled_store_only_with_a_teacher(tmp_path, tiny_cfg, tiny_world):
-    from client import task as ctask
+    from client import camera
     from shared import models
 
     cfg = tiny_cfg.replace(**{"data.root": str(tiny_world), "distill.pseudo-conf": 0.0001, "fed.local-epochs": 1})
@@ -73,9 +74,9 @@ def test_client_trains_from_an_unlabelled_store_only_with_a_teacher(tmp_path, ti
         store.add(cv2.imread(str(p)))
     data = store.root / "data.yaml"
     student = models.build_student(cfg.model, cfg.data.names)
-    with pytest.raises(ctask.NodeConfigError, match="no teacher-path"):
-        ctask.local_finetune(student, data, cfg, {})
+    with pytest.raises(camera.NodeConfigError, match="no teacher-path"):
+        camera.local_finetune(student, data, cfg, {**local_plan(cfg.fed), "seed": 0})
     teacher = models.save(models.build_teacher(cfg.model, cfg.data.names), tmp_path / "teacher.pt")
-    metrics = ctask.local_finetune(student, data, cfg, {}, teacher=str(teacher))
+    metrics = camera.local_finetune(student, data, cfg, {**local_plan(cfg.fed), "seed": 0}, teacher=str(teacher))
     assert metrics["pseudo-labelled"] > 0 and metrics["steps"] > 0 and metrics["update-norm"] > 0
-    assert ctask.local_evaluate(student, data, cfg)["num-examples"] == 0  # no labelled val frames yet
+    assert camera.local_evaluate(student, data, cfg)["num-examples"] == 0  # no labelled val frames yet

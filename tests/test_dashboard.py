@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.events import read_events
-from server.registry import Registry
+from server.federation.events import read_events
+from server.snapshots.registry import Registry
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import shared  # noqa: F401  (offline env before any Ultralytics import)
 from shared.data.augment import AugmentConfig, augment
-from shared.data.dataset import (DataError, DetectionDataset, ImageFolderDataset, collate, label_path, letterbox,
+from shared.data.dataset import (DataError, DetectionDataset, ImageFolderDataset, collate, label_path,
                                  load_image, load_split, parse_label_file, read_data_yaml, scan_split)
+from shared.snapshot.inference import letterbox
 
 NAMES = ["car", "person", "bike"]
 
@@ -200,7 +200,8 @@ def test_all_bad_raises(tmp_path):
 def test_letterbox_maps_box_non_square():
     img = np.zeros((50, 100, 3), np.uint8)
     img[10:30, 20:60] = 255  # a white box x 20..60, y 10..30
-    out, r, (pw, ph) = letterbox(img, 64)
+    out, box = letterbox(img, 64)
+    r, pw, ph = box.ratio, box.left, box.top
     assert out.shape == (64, 64, 3) and r == pytest.approx(0.64) and (pw, ph) == (0.0, 16.0)
     assert out[0, 0, 0] == 114 and out[63, 63, 0] == 114
     ys, xs = np.nonzero(out[:, :, 0] > 200)
@@ -305,7 +306,9 @@ def test_collate_shapes_and_batch_idx(tmp_path):
 def tiny_model():
     import yaml
 
-    shared.env.prepare_ultralytics()
+    from shared.env import prepare_ultralytics
+
+    prepare_ultralytics()
     import ultralytics
     from ultralytics.nn.tasks import DetectionModel
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from server.events import read_events
-from server.loopback import Loopback, free_port_block
+from server.federation.events import read_events
+from server.local.loopback import Loopback, free_port_block
 from shared.config import to_flat
 from conftest import sim_cfg
 

@@ -10,8 +10,9 @@ import torch
 
 from shared import models, task
 from shared.distill import DistillError, DistillWeights, Distiller, pseudo_label
-from shared.evaluate import NmsSettings, TorchPredictor
-from shared.train import TrainSpec, to_float
+from shared.evaluate import TorchPredictor
+from shared.snapshot.inference import NmsSettings
+from shared.train import TrainSpec, local_plan, to_float
 
 TERMS = ("response", "box", "feature", "attention")
 
@@ -68,7 +69,7 @@ def test_pseudo_labels_respect_the_threshold(tiny_cfg, tiny_world):
     scores = np.concatenate([d[:, 4] for d in dets])
 
     def count(conf):
-        samples = pseudo_label(teacher, loader, conf)
+        samples = pseudo_label(teacher, loader, NmsSettings(conf=conf, iou=0.6))
         assert len(samples) == cfg.data.camera_val
         for s in samples:
             assert ((s.labels[:, 1:] >= 0) & (s.labels[:, 1:] <= 1)).all() and (s.labels[:, 3:] > 0).all()
@@ -110,14 +111,15 @@ def test_short_distillation_lowers_the_distillation_loss(tiny_cfg, tiny_world, t
 
 
 def test_client_with_a_teacher_trains_on_pseudo_labelled_pool(tiny_cfg, tiny_world, tiny_student, tmp_path):
-    from client import task as ctask
+    from client import camera
 
     cfg = tiny_cfg.replace(**{"data.root": str(tiny_world), "distill.pseudo-conf": 0.0001})
     teacher_file = models.save(models.build_teacher(cfg.model, cfg.data.names), tmp_path / "teacher.pt")
     keys = set(tiny_student.state_dict())
     cam = task.camera_yaml(cfg, 0)
-    with_teacher = ctask.local_finetune(tiny_student, cam, cfg, {"local-steps": 2}, teacher=str(teacher_file))
+    plan = {**local_plan(cfg.fed), "local-steps": 2, "seed": 0}
+    with_teacher = camera.local_finetune(tiny_student, cam, cfg, plan, teacher=str(teacher_file))
     assert with_teacher["pseudo-labelled"] > 0 and with_teacher["steps"] == 2
     assert set(tiny_student.state_dict()) == keys  # adapters and teacher stay outside the student's weights
-    alone = ctask.local_finetune(tiny_student, cam, cfg, {"local-steps": 2})
+    alone = camera.local_finetune(tiny_student, cam, cfg, plan)
     assert alone["pseudo-labelled"] == 0

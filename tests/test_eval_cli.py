@@ -14,15 +14,15 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from server.checkpoint import Progress, RunCheckpoints
+from server.federation.checkpoint import RoundsDone, RunCheckpoints
 from server.cli import app
-from server.export import export_onnx
-from server.registry import Registry, now_iso
+from server.snapshots.export import export_onnx
+from server.snapshots.registry import Registry, now_iso
 from shared import models, task
 from shared.arrays import to_record
 from shared.config import to_flat
 from shared.evaluate import TorchPredictor
-from shared.snapshot_format import MODEL_FILE, Manifest, sha256_file
+from shared.snapshot.format import MODEL_FILE, Manifest, sha256_file
 
 IMGSZ = 64
 SETS = ["--set", "train.threads=1", "--set", "eval.batch=8"]
@@ -92,7 +92,7 @@ def made(tiny_cfg, tiny_world, tmp_path_factory):
 
     write_run(tmp / "run", cfg, files["start"])  # round checkpoint as the server writes it
     state = {"momentum": np.arange(3, dtype=np.float32)}
-    files["round"] = RunCheckpoints(tmp / "run").save(1, to_record(net), state, Progress(1, 2, "fedavg"),
+    files["round"] = RunCheckpoints(tmp / "run").save(1, to_record(net), state, RoundsDone(1, 2, "fedavg"),
                                                       net.yaml, names)
     write_run(tmp / "old", cfg, files["start"])  # a round checkpoint from before they described their model
     (tmp / "old" / "checkpoints").mkdir()

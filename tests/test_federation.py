@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from server import simulation
-from server.checkpoint import RunCheckpoints
-from server.events import read_events
+from server.local import simulation
+from server.federation.checkpoint import RunCheckpoints
+from server.federation.events import read_events
 from conftest import sim_cfg
 
 pytestmark = pytest.mark.slow

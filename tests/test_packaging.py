@@ -31,7 +31,10 @@ def test_fab_holds_only_server_client_shared(tmp_path):
     (fab,) = tmp_path.glob("*.fab")
     names = zipfile.ZipFile(fab).namelist()
     assert {n.split("/")[0] for n in names} <= {"server", "client", "shared", "pyproject.toml", ".info"}
-    assert "server/server_app.py" in names and "client/client_app.py" in names
+    assert "server/federation/server_app.py" in names and "client/client_app.py" in names
+    assert "server/snapshots/pipeline.py" in names  # the ServerApp makes snapshots after its rounds
+    tooling = ("server/local/", "server/cli/", "server/web/", "client/runtime/")  # no node runs these
+    assert not [n for n in names if n.startswith(tooling)]
 
 
 def test_repo_root_is_not_on_sys_path():
@@ -45,7 +48,7 @@ def tiny_snapshot(folder: Path, imgsz: int = 32) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
-    from shared.snapshot_format import MODEL_FILE, MANIFEST_FILE, Manifest, sha256_file
+    from shared.snapshot.format import MODEL_FILE, MANIFEST_FILE, Manifest, sha256_file
 
     folder.mkdir(parents=True)
     nc, model = 2, folder / MODEL_FILE
@@ -89,8 +92,8 @@ def test_base_install_is_the_device_runtime_without_torch(tmp_path):
         return subprocess.run(args, capture_output=True, text=True, env=env, cwd=work, timeout=300)
 
     code = ("import importlib.util; "
-            "import client.runtime.cli, client.runtime.detector, client.runtime.agent, client.runtime.collector; "
-            "import shared.snapshot_format; "
+            "import client.runtime.cli, client.runtime.agent, client.runtime.collector; "
+            "import shared.snapshot.format, shared.snapshot.inference; "
             "print([m for m in ('torch', 'torchvision', 'flwr', 'ultralytics', 'typer') "
             "if importlib.util.find_spec(m) is not None])")
     out = run(py, "-c", code)

@@ -1,4 +1,4 @@
-"""Device runtime: torch-free import, detections equal the evaluation path, and the update agent over real HTTP."""
+"""Device runtime: the update agent against a real registry server over HTTP (swap, reject, roll back, outages)."""
 
 from __future__ import annotations
 
@@ -15,39 +15,11 @@ import pytest
 from onnx import TensorProto, helper
 
 from client.runtime.agent import Agent
-from client.runtime.detector import Detector
-from server.export import export_onnx
-from server.registry import Registry, now_iso
-from shared import task
-from shared.evaluate import NmsSettings, OnnxPredictor
-from shared.snapshot_format import MODEL_FILE, Manifest, SnapshotError, sha256_file
+from server.snapshots.export import export_onnx
+from server.snapshots.registry import Registry, now_iso
+from shared.snapshot.format import MODEL_FILE, Manifest, SnapshotError, sha256_file
 
 pytestmark = pytest.mark.slow
-
-
-def test_runtime_imports_neither_torch_nor_flwr():
-    code = ("import sys, client.runtime.cli, client.runtime.agent, client.runtime.detector, client.runtime.collector; "
-            "bad = [m for m in ('torch', 'flwr', 'ultralytics') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-
-
-@pytest.mark.numerics
-def test_runtime_detections_match_the_evaluation_path(trained, tmp_path):
-    cfg, model, _ = trained
-    path = export_onnx(model, tmp_path / "m.onnx", 64, {})
-    loader = task.make_loader(task.base_yaml(cfg), "val", cfg, False)
-    detector = Detector(path, 64, conf=0.05, iou=0.6, max_det=100)
-    reference = OnnxPredictor(path, NmsSettings(conf=0.05, iou=0.6, max_det=100))
-    compared = 0
-    for batch in loader:
-        for img, ref in zip(batch["img"].numpy(), reference(batch["img"].numpy())):
-            got = detector.detect_letterboxed(img)
-            assert len(got) == len(ref)
-            order_g, order_r = np.argsort(-got[:, 4]), np.argsort(-ref[:, 4])
-            assert np.allclose(got[order_g], ref[order_r], atol=1e-3)
-            compared += len(got)
-    assert compared > 0, "no detections compared: the test would prove nothing"
 
 
 # --- the agent against a real registry server ------------------------------------------------------------

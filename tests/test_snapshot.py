@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from server.export import export_onnx, inspect_optimized, quantize
-from server.prune import prune
-from server.registry import Registry
-from server.snapshot import calibration_frames, make_snapshot
+from server.snapshots.export import export_onnx, inspect_optimized, quantize
+from server.snapshots.prune import prune
+from server.snapshots.registry import Registry
+from server.snapshots.pipeline import calibration_frames, make_snapshot
 from shared import models, task
-from shared.evaluate import OnnxPredictor
-from shared.snapshot_format import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, SnapshotError, load_public_key, verify_dir
+from shared.snapshot.format import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, SnapshotError, load_public_key, verify_dir
+from shared.snapshot.inference import Detector
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def test_pruned_onnx_is_smaller_runs_and_matches_torch(tiny_cfg, tiny_student, t
     assert models.count_params(pruned) < 0.7 * models.count_params(tiny_student)
     assert torch.allclose(prune(tiny_student, 0.0, 64).eval()(x)[0], tiny_student.eval()(x)[0], atol=1e-4)
     path = export_onnx(pruned, tmp_path / "p.onnx", 64, {})
-    raw = OnnxPredictor(path).raw((x.numpy() * 255).astype(np.uint8))
+    raw = Detector(path).raw((x.numpy() * 255).astype(np.uint8))
     with torch.no_grad():
         ref = pruned.eval()((torch.from_numpy((x.numpy() * 255).astype(np.uint8)).float() / 255))[0].numpy()
     assert raw.shape == ref.shape == (2, 4 + 3, 84)
@@ -36,7 +36,7 @@ def test_pruned_onnx_is_smaller_runs_and_matches_torch(tiny_cfg, tiny_student, t
 def test_pruning_keeps_head_outputs_and_narrow_layers(tiny_cfg, tiny_student):
     from torch import nn
 
-    from server.prune import split_c2f
+    from server.snapshots.prune import split_c2f
 
     before = {n: m for n, m in split_c2f(tiny_student).named_modules() if isinstance(m, nn.Conv2d)}
     pruned = prune(tiny_student, 0.5, 64, round_to=4)
@@ -61,7 +61,7 @@ def test_first_layers_can_stay_float(trained, tmp_path):
     mixed_path = quantize(fp32, tmp_path / "m.onnx", frames, "x86", float_layers=2)
     mixed = inspect_optimized(mixed_path, tmp_path)
     assert mixed.float_convs == all_int8.float_convs + 2 and mixed.int8_convs == all_int8.int8_convs - 2
-    a, b = OnnxPredictor(fp32).raw(frames), OnnxPredictor(mixed_path).raw(frames)
+    a, b = Detector(fp32).raw(frames), Detector(mixed_path).raw(frames)
     assert np.abs(a[:, 4:] - b[:, 4:]).mean() < 0.02
 
 
@@ -75,7 +75,7 @@ def test_int8_graph_runs_integer_convs_and_stays_close(trained, tmp_path):
     assert report.int8_convs >= 40 and report.float_convs <= 8  # only the head's last convs and DFL stay float
     # Every activation runs in int8, the head's hidden ones too; the one float Sigmoid is the decode's class scores.
     assert report.ops.get("Sigmoid", 0) == 1 and "Relu" not in report.ops
-    a, b = OnnxPredictor(fp32).raw(frames), OnnxPredictor(int8).raw(frames)
+    a, b = Detector(fp32).raw(frames), Detector(int8).raw(frames)
     scores_a, scores_b = a[:, 4:], b[:, 4:]
     assert np.abs(scores_a - scores_b).mean() < 0.02
     best = scores_a.max(1)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from server.events import EventBus
-from server.strategies import BASES, make_strategy
+from server.federation.events import EventBus
+from server.federation.strategies import BASES, make_strategy
 from shared.arrays import layout_of, pack, to_record, to_state_dict
 
 

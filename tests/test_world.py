@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from shared.data.world import make_world
+from server.local.world import make_world
 
 NAMES = ["person", "car", "bicycle"]
 TINY = {"imgsz": 64, "base_train": 6, "base_val": 3, "camera_train": 5, "camera_val": 3, "camera_pool": 2}

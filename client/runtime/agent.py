@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from client.runtime.detector import Detector
-from shared.snapshot_format import (MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Manifest, SnapshotError,
+from shared.snapshot.format import (MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Manifest, SnapshotError,
                                     load_public_key, verify_dir)
+from shared.snapshot.inference import Detector, device_settings
 
 log = logging.getLogger("fedcam.device")
 BAD_FRAMES_BEFORE_ROLLBACK = 3
@@ -57,7 +57,7 @@ class Agent:
         if detector is None:
             return None, None
         try:
-            result = detector(frame)
+            result = detector.detect(frame)
             if not np.isfinite(result.scores).all() or not np.isfinite(result.boxes).all():
                 raise FloatingPointError("non-finite detections")
             self.bad_frames = 0
@@ -81,7 +81,7 @@ class Agent:
     def _activate(self, version: str) -> None:
         folder = self.dir / "snapshots" / version
         manifest = verify_dir(folder, self.key)  # re-checked on every activation, reboots included
-        detector = Detector(folder / MODEL_FILE, manifest.imgsz, self.threads, self.conf)
+        detector = Detector(folder / MODEL_FILE, manifest.imgsz, device_settings(manifest, self.conf), self.threads)
         with self.lock:
             self.detector, self.manifest = detector, manifest
 
@@ -126,8 +126,8 @@ class Agent:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         try:  # a signed model that does not run is broken for good: never try it again
-            smoke = Detector(staging / MODEL_FILE, manifest.imgsz, self.threads, self.conf)
-            out = smoke.raw(np.zeros((3, manifest.imgsz, manifest.imgsz), np.uint8))
+            smoke = Detector(staging / MODEL_FILE, manifest.imgsz, threads=self.threads)
+            (out,) = smoke.raw(np.zeros((1, 3, manifest.imgsz, manifest.imgsz), np.uint8))
             if out.ndim != 2 or out.shape[0] != 4 + len(manifest.names) or not np.isfinite(out).all():
                 raise SnapshotError(f"output {out.shape} or non-finite")
         except Exception as err:

@@ -77,15 +77,15 @@ def emit(frame_id: str, det, names: list[str], version: str, annotate: Path | No
 
 
 def cmd_detect(args) -> None:
-    from client.runtime.detector import Detector
-    from shared.snapshot_format import MODEL_FILE, Manifest, MANIFEST_FILE
+    from shared.snapshot.format import MODEL_FILE, Manifest, MANIFEST_FILE
+    from shared.snapshot.inference import Detector, device_settings
 
     folder = Path(args.snapshot)
     manifest = Manifest.from_bytes((folder / MANIFEST_FILE).read_bytes())
-    detector = Detector(folder / MODEL_FILE, manifest.imgsz, args.threads, args.conf)
+    detector = Detector(folder / MODEL_FILE, manifest.imgsz, device_settings(manifest, args.conf), args.threads)
     meter = Meter()
     for frame_id, img in frames(args.source):
-        det = detector(img)
+        det = detector.detect(img)
         emit(frame_id, det, manifest.names, manifest.version, args.annotate, img)
         print(meter.add(det.latency_ms), file=sys.stderr)
 

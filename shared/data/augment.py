@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-PAD_VALUE = 114  # the grey Ultralytics pads with; zoom-out borders match the letterbox borders
+from shared.snapshot.inference import PAD_VALUE  # zoom-out borders match the letterbox borders
+
 MIN_AREA_KEPT = 0.4  # a box losing more than 60% of its area to the frame edge is mostly invisible: drop it
 MIN_SIDE_PX = 2.0  # boxes thinner than this carry no learnable signal and upset the box loss
 # Hue is a circular channel where Ultralytics' default gain (0.015) is ~20x smaller than its

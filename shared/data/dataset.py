@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from shared.data.augment import AugmentConfig, augment
+from shared.snapshot.inference import letterbox, to_chw_rgb
 
 LOG = logging.getLogger(__name__)
 IMG_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
@@ -222,27 +223,6 @@ def load_split(spec: DataSpec, split: str, check_images: bool = True) -> ScanRep
     return scan_split(spec.splits[split], len(spec.names), check_images, source=f"split '{split}' of {spec.root}")
 
 
-def _letterbox(img: np.ndarray, imgsz: int, pad_value: int):
-    """letterbox() plus the resized (w, h), which maps labels exactly despite rounding."""
-    h, w = img.shape[:2]
-    r = min(imgsz / h, imgsz / w)
-    nw, nh = max(1, min(imgsz, round(w * r))), max(1, min(imgsz, round(h * r)))
-    if (nw, nh) != (w, h):
-        # INTER_AREA avoids aliasing when shrinking; INTER_LINEAR is the usual choice when enlarging.
-        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR)
-    left, top = (imgsz - nw) // 2, (imgsz - nh) // 2
-    if (nw, nh) != (imgsz, imgsz):
-        img = cv2.copyMakeBorder(img, top, imgsz - nh - top, left, imgsz - nw - left, cv2.BORDER_CONSTANT,
-                                 value=(pad_value,) * 3)
-    return img, r, (left, top), (nw, nh)
-
-
-def letterbox(img: np.ndarray, imgsz: int, pad_value: int = 114) -> tuple[np.ndarray, float, tuple[float, float]]:
-    """Fit imgsz keeping aspect, pad centred to a square; (img, ratio, (pad_w, pad_h)): x -> x * ratio + pad_w."""
-    out, r, (left, top), _ = _letterbox(img, imgsz, pad_value)
-    return out, r, (float(left), float(top))
-
-
 class DetectionDataset(torch.utils.data.Dataset):
     """Labelled samples letterboxed to imgsz, optionally augmented reproducibly per (seed, epoch, index)."""
 
@@ -257,20 +237,20 @@ class DetectionDataset(torch.utils.data.Dataset):
         s = self.samples[i]
         img = load_image(s.image)
         h0, w0 = img.shape[:2]
-        img, r, (left, top), (nw, nh) = _letterbox(img, self.imgsz, 114)
+        img, box = letterbox(img, self.imgsz)  # the snapshot's own letterbox: what a camera will feed
         labels = s.labels.astype(np.float32).reshape(-1, 5).copy()
         # Map normalized boxes into the letterboxed frame using the actual resized size (exact pixels).
-        labels[:, 1] = (labels[:, 1] * nw + left) / self.imgsz
-        labels[:, 2] = (labels[:, 2] * nh + top) / self.imgsz
-        labels[:, 3] *= nw / self.imgsz
-        labels[:, 4] *= nh / self.imgsz
+        labels[:, 1] = (labels[:, 1] * box.width + box.left) / self.imgsz
+        labels[:, 2] = (labels[:, 2] * box.height + box.top) / self.imgsz
+        labels[:, 3] *= box.width / self.imgsz
+        labels[:, 4] *= box.height / self.imgsz
         if self.augment is not None:
             rng = np.random.default_rng((self.seed, self.epoch, int(i)))
             img, labels = augment(img, labels, self.augment, rng)
-        chw = np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))  # BGR HWC -> RGB CHW, as Ultralytics feeds
+        chw = to_chw_rgb(img)
         return dict(img=torch.from_numpy(chw), cls=torch.from_numpy(labels[:, :1].copy()),
                     bboxes=torch.from_numpy(labels[:, 1:5].copy()), im_file=str(s.image), ori_shape=(h0, w0),
-                    ratio_pad=(r, (float(left), float(top))))
+                    ratio_pad=(box.ratio, (float(box.left), float(box.top))))
 
 
 class ImageFolderDataset(DetectionDataset):

@@ -12,9 +12,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum)
 
-from server.events import ClientOutcome, EventBus
+from server.federation.events import ClientOutcome, EventBus
 from shared.arrays import UpdateError, check_compatible, is_packed, layout_of, pack, to_state_dict, unpack
 from shared.config import FedConfig
+from shared.train import round_seed
 
 log = logging.getLogger("fedcam.server")
 STATE_KEYS = ("m_t", "v_t", "momentum_vector")  # server-optimizer state of FedAdam / FedAvgM
@@ -36,10 +37,10 @@ class FedcamMixin:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         rnd = server_round + self.round_offset
         self._wait_for_nodes(grid)
-        random.seed(self.seed * 100_003 + rnd)  # Flower samples with `random`: make it replayable on resume
+        random.seed(round_seed(self.seed, rnd))  # Flower samples with `random`: make it replayable on resume
         self._reference = to_state_dict(arrays)
         self._bytes_down = arrays.count_bytes()
-        config["seed"] = self.seed * 100_003 + rnd
+        config["seed"] = round_seed(self.seed, rnd)
         messages = list(super().configure_train(rnd, arrays, config, grid))
         self._layout, wire = layout_of(arrays), pack(arrays)  # one array per dtype on the wire (see shared/arrays)
         for m in messages:
@@ -154,7 +155,7 @@ BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": Fe
          "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
 
 
-def make_strategy(f: FedConfig, bus: EventBus, seed: int, round_offset: int = 0, num_nodes: int | None = None):
+def make_strategy(f: FedConfig, bus: EventBus, seed: int, round_offset: int = 0):
     """The Flower strategy named by `fed.strategy`, with fedcam's screening and events mixed in."""
     name = f.strategy.lower()
     if name not in BASES:
@@ -163,7 +164,7 @@ def make_strategy(f: FedConfig, bus: EventBus, seed: int, round_offset: int = 0,
                   min_train_nodes=f.min_nodes, min_evaluate_nodes=f.min_nodes,
                   min_available_nodes=f.min_nodes)
     extra = {"fedprox": dict(proximal_mu=f.proximal_mu),
-             "fedadam": dict(eta=f.server_lr, eta_l=f.local_lr),
+             "fedadam": dict(eta=f.server_lr, eta_l=f.local_lr),  # eta_l only labels Flower's log line
              "fedavgm": dict(server_learning_rate=1.0, server_momentum=f.server_momentum),
              "fedtrimmedavg": dict(beta=f.trim_beta),
              "krum": dict(num_malicious_nodes=f.krum_byzantine)}.get(name, {})

@@ -8,8 +8,8 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse
 
-from server.registry import PUBLIC_KEY, Registry
-from shared.snapshot_format import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE
+from server.snapshots.registry import PUBLIC_KEY, Registry
+from shared.snapshot.format import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE
 
 FILES = {MODEL_FILE: "application/octet-stream", MANIFEST_FILE: "application/json",
          SIGNATURE_FILE: "application/octet-stream"}
@@ -20,7 +20,7 @@ def create_app(registry_root: Path | str, run_dir: Path | str | None = None) -> 
     """The registry API; with a run folder, the dashboard pages and their API too (one app, one port)."""
     app = FastAPI(title="fedcam server", docs_url="/api/docs", openapi_url="/api/openapi.json")
     if run_dir is not None:
-        from server.dashboard import add_dashboard
+        from server.web.dashboard import add_dashboard
 
         add_dashboard(app, run_dir)
     registry = Registry(registry_root)

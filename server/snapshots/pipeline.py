@@ -12,15 +12,17 @@ from typing import Callable
 
 import numpy as np
 
-from server.export import GraphReport, export_onnx, inspect_optimized, quantize
-from server.prune import prune
-from server.registry import Registry, now_iso
+from server.snapshots.export import GraphReport, export_onnx, inspect_optimized, quantize
+from server.snapshots.prune import prune
+from server.snapshots.registry import Registry, now_iso
 from shared import task
 from shared.config import Config
 from shared.env import STATE_DIR
-from shared.evaluate import OnnxPredictor, TorchPredictor, evaluate
+from shared.evaluate import TorchPredictor, evaluate
 from shared.models import count_params
-from shared.snapshot_format import Manifest, sha256_file
+from shared.run_dir import RunDir
+from shared.snapshot.format import Manifest, sha256_file
+from shared.snapshot.inference import Detector
 from shared.train import TrainSpec
 
 log = logging.getLogger("fedcam.server")
@@ -41,7 +43,7 @@ class SnapshotResult:
 
 def registry_for(cfg: Config) -> Registry:
     s = cfg.snapshot
-    return Registry(s.dir or Path(cfg.run_dir) / "snapshots", s.key_path or STATE_DIR / "server_ed25519.pem")
+    return Registry(RunDir(cfg.run_dir).registry(s.dir), s.key_path or STATE_DIR / "server_ed25519.pem")
 
 
 def calibration_frames(cfg: Config) -> np.ndarray:
@@ -51,7 +53,7 @@ def calibration_frames(cfg: Config) -> np.ndarray:
 
 
 def latency_ms(path: Path, imgsz: int, runs: int = 30) -> float:
-    predictor = OnnxPredictor(path, threads=1)
+    predictor = Detector(path, imgsz, threads=1)
     x = np.zeros((1, 3, imgsz, imgsz), np.uint8)
     predictor.raw(x)  # warm-up
     times = []
@@ -78,7 +80,7 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
             work = Path(tmp) / f"prune{ratio}"
             cand = _candidate(dense, ratio, cfg, frames, work, {"snapshot_version": version, "round": str(rnd)}, say)
             say(f"prune {ratio:.0%}: scoring the int8 candidate", 0, 1)
-            got = evaluate(OnnxPredictor(cand.path, settings, threads=cfg.train.threads), loader(), names)
+            got = evaluate(Detector(cand.path, imgsz, settings, cfg.train.threads), loader(), names)
             drop = ref.map50 - got.map50
             if drop <= s.tolerance:
                 break
@@ -89,6 +91,7 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
                             size=cand.path.stat().st_size, imgsz=imgsz, names=names, map50_fp32=ref.map50,
                             map50_int8=got.map50, map_fp32=ref.map, map_int8=got.map,
                             latency_ms=latency_ms(cand.path, imgsz), created=now_iso(), parent_checkpoint=parent,
+                            nms={"iou": settings.iou, "max_det": settings.max_det},
                             extra={"prune_ratio": ratio, "method": s.method, "float_layers": s.float_layers,
                                    "int8_convs": cand.graph.int8_convs, "float_convs": cand.graph.float_convs,
                                    "rejected_candidates": failed})

@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 import yaml
 
+from shared.config import Config
+
 # Bump whenever generated pixels or labels change, so an old world.json no longer counts as "same parameters".
 # RNG entropy is always [seed, purpose tag, ...] with a fixed length per tag: SeedSequence ignores trailing zeros.
 VERSION = 1
@@ -310,3 +312,11 @@ def make_world(out: Path, names: list[str], cameras: int, seed: int, imgsz: int 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return json.loads((out / "world.json").read_text())
+
+
+def ensure_world(cfg: Config, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Generate the configured camera world under data.root unless it is already there."""
+    d = cfg.data
+    return make_world(Path(d.root), d.names, d.cameras, cfg.seed, imgsz=d.imgsz, base_train=d.base_train,
+                      base_val=d.base_val, camera_train=d.camera_train, camera_val=d.camera_val,
+                      camera_pool=d.camera_pool, shift=d.shift, progress=progress)

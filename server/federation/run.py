@@ -9,12 +9,14 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-from server.checkpoint import Progress, RunCheckpoints
-from server.events import EventBus, JsonlLog
-from server.store import RunStore
+from server.federation.checkpoint import RoundsDone, RunCheckpoints
+from server.federation.events import EventBus, JsonlLog
+from server.federation.store import RunStore
 from shared import models, task
 from shared.arrays import to_record, to_state_dict
 from shared.config import Config, to_flat
+from shared.run_dir import RunDir
+from shared.train import local_plan
 
 log = logging.getLogger("fedcam.server")
 
@@ -23,7 +25,7 @@ class RunExists(RuntimeError):
     """The run folder already holds rounds and resume was not asked for: never overwrite them."""
 
 
-def resume_point(cfg: Config) -> Progress | None:
+def resume_point(cfg: Config) -> RoundsDone | None:
     """The run folder's last completed round (None: a fresh folder); RunExists if it has rounds and resume is off.
     The CLI asks before any work starts; the ServerApp asks again, for runs started by other means."""
     progress = RunCheckpoints(cfg.run_dir).progress()
@@ -39,7 +41,8 @@ class FederatedRun:
         self.dir = Path(cfg.run_dir)
         progress = resume_point(cfg)  # before anything is written into the folder
         self.checkpoints = RunCheckpoints(self.dir)
-        self.bus = EventBus([JsonlLog(self.dir / "events.jsonl"), RunStore(self.dir / "fedcam.sqlite")])
+        layout = RunDir(self.dir)
+        self.bus = EventBus([JsonlLog(layout.events), RunStore(layout.store)])
         self.done, self.state = 0, {}
         self.model = self._initial_model()
         self.arrays = to_record(self.model)
@@ -47,7 +50,7 @@ class FederatedRun:
             self.done = progress.round
             self.arrays, self.state = self.checkpoints.load(progress.round)
         self.names = [self.model.names[i] for i in sorted(self.model.names)]
-        from server.snapshot import SnapshotHook  # after the event log: a snapshot of round N follows its round_end
+        from server.snapshots.pipeline import SnapshotHook  # after the event log: a snapshot of round N follows its round_end
 
         self.bus.add(SnapshotHook(cfg, self.model, self.bus))
 
@@ -64,8 +67,7 @@ class FederatedRun:
     def train_config(self) -> ConfigRecord:
         """What every client needs to rebuild the global model and train it this round."""
         f = self.cfg.fed
-        return ConfigRecord({"model-yaml": json.dumps(self.model.yaml), "names": self.names,
-                             "lr": f.local_lr, "local-epochs": f.local_epochs, "local-steps": f.local_steps,
+        return ConfigRecord({"model-yaml": json.dumps(self.model.yaml), "names": self.names, **local_plan(f),
                              "evaluate-first": f.evaluate_in_train})
 
     def evaluate_config(self) -> ConfigRecord:
@@ -84,7 +86,7 @@ class FederatedRun:
             saved = ""
             if server_round > 0:
                 saved = str(self.checkpoints.save(rnd, arrays, strategy.state_arrays(),
-                                                  Progress(rnd, self.cfg.fed.rounds, self.cfg.fed.strategy),
+                                                  RoundsDone(rnd, self.cfg.fed.rounds, self.cfg.fed.strategy),
                                                   self.model.yaml, self.names))
             self.bus.emit("round_end", rnd, arrays=arrays, central=metrics, eval_seconds=time.time() - started,
                           checkpoint=saved)

@@ -90,12 +90,12 @@ def prepare(cfg: Config, console=None, progress_for: ProgressFor | None = None) 
     By default (model.start = "distilled") the student starts distilled from the teacher; "base" trains it
     on labels alone. A given model.student-checkpoint is used as it is.
     """
-    from shared import task
+    from server.local.world import ensure_world
 
     say = console.print if console else print
     prog = progress_for or (lambda _name: None)
     say(f"camera world in {cfg.data.root} ({cfg.data.cameras} cameras; generated if missing)")
-    task.ensure_world(cfg)
+    ensure_world(cfg)
     if cfg.model.student_checkpoint:
         return cfg
     if cfg.model.start not in ("distilled", "base"):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from server.cli import SetOpt, app, config_from, console
+from server.cli.common import SetOpt, app, config_from, console
+from shared.run_dir import RunDir
 
 
 @app.command("snapshot")
@@ -17,10 +17,10 @@ def snapshot_cmd(checkpoint: Path = typer.Option(..., help="fedcam/Ultralytics c
                  round_: int = typer.Option(0, "--round", help="Round number to record in the manifest."),
                  sets: Optional[list[str]] = SetOpt):
     """Make a snapshot by hand: prune, recover, export, quantize, gate, sign and publish."""
-    from server.snapshot import make_snapshot, registry_for
+    from server.snapshots.pipeline import make_snapshot, registry_for
     from shared import model_files
 
-    base = json.loads((run / "run_config.json").read_text()) if run else {}
+    base = RunDir(run).overrides() if run else {}
     cfg = config_from(sets, {**base, "resume": True} if run else {})
     try:  # round checkpoints describe their model (older ones: rebuilt from their run's run_config.json)
         model = model_files.open_model(checkpoint).model
@@ -45,12 +45,10 @@ def dashboard_cmd(run_dir: Path = typer.Argument(..., help="Run folder (finished
     """Serve the run's dashboard and its snapshot registry on one HTTP port."""
     import uvicorn
 
-    from server.api import create_app
+    from server.web.api import create_app
 
-    registry = json.loads((run_dir / "run_config.json").read_text()).get("snapshot.dir") if (
-        run_dir / "run_config.json").exists() else ""
     console.print(f"dashboard: http://{host}:{port}/")
-    uvicorn.run(create_app(registry or run_dir / "snapshots", run_dir), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(RunDir(run_dir).registry(), run_dir), host=host, port=port, log_level="warning")
 
 
 @app.command("serve")
@@ -60,6 +58,6 @@ def serve_cmd(registry: Path = typer.Option(..., help="Snapshot registry folder 
     """Serve the snapshot registry over HTTP (read-only) for devices."""
     import uvicorn
 
-    from server.api import create_app
+    from server.web.api import create_app
 
     uvicorn.run(create_app(registry), host=host, port=port, log_level="warning")

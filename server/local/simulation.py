@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ from typing import Callable
 
 from shared.config import Config, PYPROJECT, to_flat
 from shared.env import OFFLINE_ENV, ray_home
+from shared.run_dir import RunDir
 
 APP_DIR = PYPROJECT.parent
 PATH_KEYS = ("data.root", "model.student-checkpoint", "model.teacher-checkpoint")
@@ -30,8 +30,8 @@ def child_env(run_dir: Path, extra: dict[str, str] | None = None) -> dict[str, s
     """Environment of every simulation process: Ray's HOME with a local bootstrap config, so it never
     probes cloud metadata; Flower's home inside the run folder; telemetry and installs off."""
     env = {**os.environ, **OFFLINE_ENV, **(extra or {})}
-    env["HOME"] = str(ray_home(run_dir / "home"))
-    env["FLWR_HOME"] = str(run_dir / "flwr")
+    env["HOME"] = str(ray_home(RunDir(run_dir).home))
+    env["FLWR_HOME"] = str(RunDir(run_dir).flwr_home)
     env["RAY_DISABLE_IMPORT_WARNING"] = "1"
     # Local Ray finds "its" IP by connecting a UDP socket to a public DNS server; with clusters off it
     # uses loopback instead (a multi-node Ray cluster sets this back to 1, see README).
@@ -47,15 +47,15 @@ def launch(cfg: Config, num_nodes: int, extra_env: dict[str, str] | None = None,
     Returns the child's exit code, or -1 when `timeout` ran out. Its output goes to RUN_DIR/simulation.log.
     """
     run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    layout = RunDir(run_dir)
     flat = {**to_flat(cfg), "run-dir": str(run_dir)}
     for key in PATH_KEYS:  # the child runs inside the run folder: relative paths must not change meaning
         if flat[key]:
             flat[key] = str(Path(flat[key]).resolve())
-    (run_dir / "run_config.json").write_text(json.dumps(flat, indent=1))
-    cmd = [sys.executable, "-m", "server.simulation", str(run_dir), str(num_nodes)]
+    layout.save_overrides(flat)
+    cmd = [sys.executable, "-m", "server.local.simulation", str(run_dir), str(num_nodes)]
     deadline = time.monotonic() + timeout if timeout else float("inf")
-    with open(run_dir / "simulation.log", "ab") as out:
+    with open(layout.log, "ab") as out:
         proc = subprocess.Popen(cmd, env=child_env(run_dir, extra_env), cwd=run_dir, start_new_session=True,
                                 stdout=out, stderr=subprocess.STDOUT)
         try:
@@ -87,7 +87,9 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 def _worker(run_dir: Path, num_nodes: int) -> None:
     """Inside the child: hand the apps to Flower's Simulation Engine with this run's config."""
-    import shared  # noqa: F401
+    from shared.env import setup_offline
+
+    setup_offline()
 
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
@@ -101,7 +103,7 @@ def _worker(run_dir: Path, num_nodes: int) -> None:
     from shared.config import load_config
 
     # As flwr.simulation.run_simulation sets up its Run, plus the run config overrides it cannot pass on.
-    overrides = json.loads((run_dir / "run_config.json").read_text())
+    overrides = RunDir(run_dir).overrides()
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
     run.federation_id = NOOP_FEDERATION_ID
@@ -111,7 +113,7 @@ def _worker(run_dir: Path, num_nodes: int) -> None:
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused)
 
     _run_simulation(num_supernodes=num_nodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    client_app_attr="client.client_app:app", server_app_attr="server.server_app:app",
+                    client_app_attr="client.client_app:app", server_app_attr="server.federation.server_app:app",
                     backend_config=backend_config(load_config(overrides)), app_dir=str(APP_DIR), run=run,
                     server_app_context=context, is_app=True)
 

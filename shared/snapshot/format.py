@@ -1,7 +1,4 @@
-"""Snapshot format shared by server and devices: manifest, canonical bytes, sha256, Ed25519 signatures.
-
-Imports neither torch nor flwr: the device runtime uses it to verify what it downloads.
-"""
+"""Snapshot format shared by server and devices: manifest, canonical bytes, sha256, Ed25519 signatures."""
 
 from __future__ import annotations
 
@@ -38,6 +35,8 @@ class Manifest:
     created: str
     parent_checkpoint: str
     extra: dict = field(default_factory=dict)
+    # The NMS the gate scored with ({"iou", "max_det"}); a device keeps them and picks its own confidence.
+    nms: dict = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         """Canonical JSON: the exact bytes that are signed."""

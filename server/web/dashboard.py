@@ -8,7 +8,8 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse
 
-from server.store import query
+from server.federation.store import query
+from shared.run_dir import RunDir
 
 PAGE = Path(__file__).parent / "static" / "dashboard.html"
 
@@ -30,7 +31,7 @@ FROM clients c GROUP BY node_id ORDER BY node_id"""
 
 
 def add_dashboard(app: FastAPI, run_dir: Path | str) -> None:
-    db = Path(run_dir) / "fedcam.sqlite"
+    db = RunDir(run_dir).store
 
     def rows(sql: str) -> list[dict]:
         if not db.exists():

@@ -7,9 +7,11 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-import shared  # noqa: F401  (offline environment first)
-from server.run import FederatedRun
-from server.strategies import make_strategy
+from shared.env import setup_offline
+
+setup_offline()  # the offline variables, before any library reads them
+from server.federation.run import FederatedRun
+from server.federation.strategies import make_strategy
 from shared.config import load_config
 from shared.task import set_threads
 

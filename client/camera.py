@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -67,19 +68,17 @@ def pseudo_labelled_pool(path: str, data_yaml: Path, cfg: Config) -> tuple:
     if not split_size(data_yaml, "pool"):
         return ()
     loader = task.make_loader(data_yaml, "pool", cfg, False)
-    return tuple(s for s in pseudo_label(load_teacher(path), loader, cfg.distill.pseudo_conf) if len(s.labels))
+    settings = replace(task.nms_settings(cfg), conf=cfg.distill.pseudo_conf)  # the run's NMS, the teacher's bar
+    return tuple(s for s in pseudo_label(load_teacher(path), loader, settings) if len(s.labels))
 
 
 def local_finetune(model, data_yaml: Path, cfg: Config, config: Mapping[str, Any],
                    teacher: str = "") -> dict[str, float]:
     """Fine-tune in place on this camera's train split (plus, with a teacher, its pseudo-labelled pool and the
     distillation terms); metrics for the server (Flower's num-examples first)."""
-    spec = TrainSpec.local(cfg.train, cfg.fed, lr=float(config.get("lr", cfg.fed.local_lr)),
-                           epochs=int(config.get("local-epochs", cfg.fed.local_epochs)),
-                           max_steps=int(config.get("local-steps", cfg.fed.local_steps)),
-                           proximal_mu=float(config.get("proximal-mu", 0.0)))
+    spec = TrainSpec.local(cfg.train, cfg.fed, config)  # the server's plan for this round (shared.train.local_plan)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    seed = int(config.get("seed", cfg.seed))
+    seed = int(config["seed"])
     # A device's frame store may hold only unlabelled frames: then the teacher's pseudo-labels are all it has.
     labelled = data_yaml if split_size(data_yaml, "train") else []
     pool = list(pseudo_labelled_pool(teacher, data_yaml, cfg)) if teacher else []

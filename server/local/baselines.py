@@ -6,20 +6,21 @@ import copy
 import time
 from pathlib import Path
 
-from server.events import EventBus, JsonlLog
+from server.federation.events import EventBus, JsonlLog
 from shared import models, task
 from shared.config import Config
-from shared.train import TrainSpec
+from shared.run_dir import RunDir
+from shared.train import TrainSpec, local_plan, round_seed
 
 
 def _local_spec(cfg: Config) -> TrainSpec:
     # Same optimizer, lr and per-round budget as a federated client: only the sharing differs.
-    return TrainSpec.local(cfg.train, cfg.fed)
+    return TrainSpec.local(cfg.train, cfg.fed, local_plan(cfg.fed))
 
 
 def local_only(cfg: Config, start: Path) -> EventBus:
     """Every camera fine-tunes its own copy for the same rounds; each is scored on its own val split."""
-    bus = EventBus([JsonlLog(Path(cfg.run_dir) / "events.jsonl")])
+    bus = EventBus([JsonlLog(RunDir(cfg.run_dir).events)])
     base = models.load(start)
     nets = [copy.deepcopy(base) for _ in range(cfg.data.cameras)]
     bus.emit("run_start", 0, baseline="local-only")
@@ -27,7 +28,7 @@ def local_only(cfg: Config, start: Path) -> EventBus:
         t0 = time.time()
         scores = []
         for k, net in enumerate(nets):
-            task.fit(net, task.camera_yaml(cfg, k), cfg, _local_spec(cfg), seed=cfg.seed * 100_003 + rnd)
+            task.fit(net, task.camera_yaml(cfg, k), cfg, _local_spec(cfg), seed=round_seed(cfg.seed, rnd))
             scores.append(task.score(net, task.camera_yaml(cfg, k), cfg))
         central = {"cam-map50": sum(s.map50 for s in scores) / len(scores),
                    "cam-map": sum(s.map for s in scores) / len(scores)}
@@ -38,13 +39,13 @@ def local_only(cfg: Config, start: Path) -> EventBus:
 
 def centralized(cfg: Config, start: Path) -> EventBus:
     """One model fine-tuned on the pooled camera train data, one pass over it per round."""
-    bus = EventBus([JsonlLog(Path(cfg.run_dir) / "events.jsonl")])
+    bus = EventBus([JsonlLog(RunDir(cfg.run_dir).events)])
     net = models.load(start)
     yamls = [task.camera_yaml(cfg, k) for k in range(cfg.data.cameras)]
     bus.emit("run_start", 0, baseline="centralized")
     for rnd in range(1, cfg.fed.rounds + 1):
         t0 = time.time()
-        task.fit(net, yamls, cfg, _local_spec(cfg), seed=cfg.seed * 100_003 + rnd)
+        task.fit(net, yamls, cfg, _local_spec(cfg), seed=round_seed(cfg.seed, rnd))
         bus.emit("round_end", rnd, central=task.score_cameras(net, cfg), seconds=time.time() - t0)
     bus.emit("run_end", cfg.fed.rounds)
     return bus

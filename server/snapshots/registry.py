@@ -10,7 +10,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-from shared.snapshot_format import (MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Manifest, load_or_create_key,
+from shared.snapshot.format import (MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Manifest, load_or_create_key,
                                     public_pem, sign)
 
 SCHEMA = """

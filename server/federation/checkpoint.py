@@ -13,10 +13,11 @@ from flwr.app import ArrayRecord
 
 from shared.arrays import to_record, to_state_dict
 from shared.models import checkpoint_blob, is_fedcam
+from shared.run_dir import RunDir
 
 
 @dataclass
-class Progress:
+class RoundsDone:
     round: int  # last completed round
     total_rounds: int
     strategy: str
@@ -27,9 +28,9 @@ class RunCheckpoints:
     and models.load read it alone), state_rNNNN.npz, and progress.json last."""
 
     def __init__(self, run_dir: Path | str):
-        self.dir = Path(run_dir) / "checkpoints"
+        self.dir = RunDir(run_dir).checkpoints
 
-    def save(self, rnd: int, arrays: ArrayRecord, state: dict[str, np.ndarray], progress: Progress,
+    def save(self, rnd: int, arrays: ArrayRecord, state: dict[str, np.ndarray], progress: RoundsDone,
              model_yaml: dict, names: list[str]) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         weights = self.dir / f"global_r{rnd:04d}.pt"
@@ -40,9 +41,9 @@ class RunCheckpoints:
         _atomic(self.dir / "progress.json", lambda p: p.write_text(json.dumps(vars(progress))))
         return weights
 
-    def progress(self) -> Progress | None:
+    def progress(self) -> RoundsDone | None:
         path = self.dir / "progress.json"
-        return Progress(**json.loads(path.read_text())) if path.exists() else None
+        return RoundsDone(**json.loads(path.read_text())) if path.exists() else None
 
     def load(self, rnd: int) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
         weights = self.dir / f"global_r{rnd:04d}.pt"

@@ -1,0 +1,5 @@
+"""`python -m server.cli`: the `fedcam` command."""
+
+from server.cli import app
+
+app()

@@ -1,0 +1,61 @@
+"""A run folder's layout, in one place: its config, event log, SQLite store, checkpoints, registry and logs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __init__(self, root: Path | str):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        """The run's flat config overrides: what a resume, `fedcam dashboard` and `fedcam snapshot --run` read."""
+        return self.root / "run_config.json"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "fedcam.sqlite"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def log(self) -> Path:
+        """The simulation's own output (Flower, Ray and the apps' logs)."""
+        return self.root / "simulation.log"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr"
+
+    @property
+    def home(self) -> Path:
+        """HOME of the simulation's processes (Ray's bootstrap config lives there)."""
+        return self.root / "home"
+
+    def overrides(self) -> dict:
+        """The saved flat config; {} for a folder that has none (e.g. a registry-only folder)."""
+        return json.loads(self.config.read_text()) if self.config.exists() else {}
+
+    def save_overrides(self, flat: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.config.with_suffix(".tmp")
+        tmp.write_text(json.dumps(flat, indent=1))
+        tmp.replace(self.config)  # atomic: a resume never reads half a config
+
+    def registry(self, snapshot_dir: str | None = None) -> Path:
+        """The snapshot registry: snapshot.dir when set (given, or from the saved config), else RUN_DIR/snapshots."""
+        chosen = snapshot_dir if snapshot_dir is not None else self.overrides().get("snapshot.dir", "")
+        return Path(chosen) if chosen else self.root / "snapshots"

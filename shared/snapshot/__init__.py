@@ -1,0 +1,1 @@
+"""The deployable snapshot, torch-free for devices: its format and signatures (format), its inference path (inference)."""
