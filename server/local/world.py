@@ -166,75 +166,83 @@ def _prop(rng, kind, h):
     return sp.finish(rng, amp=0.2)
 
 
-def _scene(rng, s, dom):
+def _scene(rng, size, domain):
     """Background (uint8), horizon row fraction, props standing in front of objects, and the light map."""
-    kind, (y, x) = dom["scene"], np.mgrid[0:s, 0:s].astype(np.float32) / s
-    hz = {"doorway": rng.uniform(0.5, 0.62), "abstract": 0.0}.get(kind, rng.uniform(0.25, 0.5))
+    kind, (y, x) = domain["scene"], np.mgrid[0:size, 0:size].astype(np.float32) / size
+    horizon = {"doorway": rng.uniform(0.5, 0.62), "abstract": 0.0}.get(kind, rng.uniform(0.25, 0.5))
     top = rng.uniform(120, 230, 3) if kind == "doorway" else rng.uniform(150, 250, 3) * (1.0, 0.85, 0.7)  # wall or sky
     ground = np.array(GROUND.get(kind, rng.uniform(40, 220, 3)), float)
-    img = np.where(y[..., None] < hz, top * (0.8 + 0.3 * y[..., None] / max(hz, 1e-3)), ground * rng.uniform(0.8, 1.2))
-    H, vx, img = int(hz * s), int(rng.uniform(0.3, 0.7) * s), np.ascontiguousarray(img, np.float32)
-    for x0 in range(-int(rng.integers(0, s // 6)), s, max(2, s // 8)) if kind in ("street", "plaza", "park") else ():
+    img = np.where(y[..., None] < horizon, top * (0.8 + 0.3 * y[..., None] / max(horizon, 1e-3)),
+                   ground * rng.uniform(0.8, 1.2))
+    horizon_px, vx, img = int(horizon * size), int(rng.uniform(0.3, 0.7) * size), np.ascontiguousarray(img, np.float32)
+    skyline = kind in ("street", "plaza", "park")
+    for x0 in range(-int(rng.integers(0, size // 6)), size, max(2, size // 8)) if skyline else ():
         col = rng.uniform(60, 200, 3) if kind != "park" else (40, 90, 40)  # skyline (or treeline) on the horizon
-        cv2.rectangle(img, (x0, int(H * rng.uniform(0.2, 0.8))), (x0 + s // 8, H), col, -1)
+        cv2.rectangle(img, (x0, int(horizon_px * rng.uniform(0.2, 0.8))), (x0 + size // 8, horizon_px), col, -1)
     if kind in ("street", "parking", "doorway", "plaza"):  # lane, bay or tile lines converging on the horizon
         col = (225, 225, 225) if kind != "doorway" else ground * 0.6
-        for xb in np.linspace(-s, 2 * s, 7 if kind == "street" else 13):
-            cv2.line(img, (int(xb), s), (int(vx + (xb - vx) * 0.15), H), col, max(1, s // 120))
+        for xb in np.linspace(-size, 2 * size, 7 if kind == "street" else 13):
+            cv2.line(img, (int(xb), size), (int(vx + (xb - vx) * 0.15), horizon_px), col, max(1, size // 120))
         for t in np.linspace(0.05, 1, 6 if kind != "street" else 0) ** 2:
-            cv2.line(img, (0, int(H + t * (s - H))), (s, int(H + t * (s - H))), col, max(1, s // 160))
+            row = int(horizon_px + t * (size - horizon_px))
+            cv2.line(img, (0, row), (size, row), col, max(1, size // 160))
     if kind == "doorway":
-        cv2.rectangle(img, (vx - s // 10, int(H * 0.15)), (vx + s // 10, H), rng.uniform(20, 110, 3), -1)  # door
+        door = rng.uniform(20, 110, 3)
+        cv2.rectangle(img, (vx - size // 10, int(horizon_px * 0.15)), (vx + size // 10, horizon_px), door, -1)
     cells = int(rng.integers(3, 9))  # fractal value noise, upsampled from coarse grids: vectorised, cheap at any size
     grids = [rng.standard_normal((cells * 2**o,) * 2, dtype=np.float32) * 0.5**o for o in range(3)]
-    tex = sum(cv2.resize(g, (s, s), interpolation=cv2.INTER_CUBIC) for g in grids) * (0.16 if kind == "park" else 0.08)
+    tex = sum(cv2.resize(g, (size, size), interpolation=cv2.INTER_CUBIC) for g in grids)
+    tex *= 0.16 if kind == "park" else 0.08
     img = np.clip(img * (1 + tex)[..., None], 0, 255).astype(np.uint8)
-    props, fg, owner, n = [], [], np.zeros((s, s), np.int16), dom["props"]
-    for kind_p, foot in zip(rng.choice(list(PROPS), n), rng.uniform(max(hz, 0.2), 1.05, n)):
-        sp = _prop(rng, str(kind_p), max(6, int(s * PROPS[kind_p][0] * 0.4 * (foot - hz * 0.8))))
-        props.append((foot, sp, int(rng.uniform(-0.1, 0.9) * s), int(foot * s) - sp.h))
+    props, fg, owner, n = [], [], np.zeros((size, size), np.int16), domain["props"]
+    for kind_p, foot in zip(rng.choice(list(PROPS), n), rng.uniform(max(horizon, 0.2), 1.05, n)):
+        sp = _prop(rng, str(kind_p), max(6, int(size * PROPS[kind_p][0] * 0.4 * (foot - horizon * 0.8))))
+        props.append((foot, sp, int(rng.uniform(-0.1, 0.9) * size), int(foot * size) - sp.h))
     for foot, sp, x0, y0 in sorted(props, key=lambda p: p[0]):  # the nearest props will occlude objects too
         fg.append((sp, x0, y0)) if foot > 0.93 else sp.paste(img, owner, x0, y0, 0)
-    lmap = (1 - dom["vignette"] * np.hypot(x - 0.5, y - 0.5) ** 2)[..., None] * dom["gain"] * np.float32(dom["cast"])
-    for cx, cy, rad in zip(*rng.uniform((0.1, 0.1, 0.15), (0.9, 0.6, 0.35), (dom["lamps"], 3)).T):  # warm lamp pools
+    lmap = (1 - domain["vignette"] * np.hypot(x - 0.5, y - 0.5) ** 2)[..., None]
+    lmap = lmap * domain["gain"] * np.float32(domain["cast"])
+    for cx, cy, rad in zip(*rng.uniform((0.1, 0.1, 0.15), (0.9, 0.6, 0.35), (domain["lamps"], 3)).T):  # warm lamp pools
         lmap += np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / rad**2)[..., None] * np.float32((0.45, 0.7, 0.9))
-    return img, hz, fg, lmap
+    return img, horizon, fg, lmap
 
 
-def _camera(seed, k, names):
-    rng, shared = np.random.default_rng([seed, 2, k]), np.random.default_rng([seed, 3])  # see RNG note at the top
+def _camera(seed, index, names):
+    rng, shared = np.random.default_rng([seed, 2, index]), np.random.default_rng([seed, 3])  # see RNG note at the top
     perm, off = shared.permutation(len(names)), shared.integers(0, 30, 2)  # first nc cameras favour distinct classes
-    dom, light, view = names[int(perm[k % len(names)])], list(LOOKS)[(k + off[0]) % 6], list(VIEWS)[(k + off[1]) % 3]
-    mix = rng.dirichlet(np.ones(len(names))) * 0.35 + 0.65 * (np.arange(len(names)) == names.index(dom))
+    dominant = names[int(perm[index % len(names)])]
+    light, view = list(LOOKS)[(index + off[0]) % 6], list(VIEWS)[(index + off[1]) % 3]
+    mix = rng.dirichlet(np.ones(len(names))) * 0.35 + 0.65 * (np.arange(len(names)) == names.index(dominant))
     gain, haze, noise, blur, gamma, cast = LOOKS[light]
-    r = lambda v: round(float(v), 4)  # noqa: E731 - stored rounded and used rounded, so world.json is exact
-    return {"name": f"cam{k:02d}", "scene": str(rng.choice(SCENES.get(dom, ("street", "plaza", "park", "parking")))),
-            "light": light, "view": view, "dominant": dom, "mix": [r(p) for p in mix], "haze": haze, "gamma": gamma,
-            "gain": r(gain * rng.uniform(0.9, 1.1)), "cast": [r(c * rng.uniform(0.97, 1.03)) for c in cast],
-            "noise": r(noise * rng.uniform(0.8, 1.3)), "blur": r(blur * rng.uniform(0.3, 1.0)),
+    rounded = lambda v: round(float(v), 4)  # noqa: E731 - stored rounded and used rounded, so world.json is exact
+    scene = str(rng.choice(SCENES.get(dominant, ("street", "plaza", "park", "parking"))))
+    return {"name": f"cam{index:02d}", "scene": scene, "light": light, "view": view, "dominant": dominant,
+            "mix": [rounded(p) for p in mix], "haze": haze, "gamma": gamma,
+            "gain": rounded(gain * rng.uniform(0.9, 1.1)), "cast": [rounded(c * rng.uniform(0.97, 1.03)) for c in cast],
+            "noise": rounded(noise * rng.uniform(0.8, 1.3)), "blur": rounded(blur * rng.uniform(0.3, 1.0)),
             "scale": list(VIEWS[view][0]), "objects": list(VIEWS[view][1]), "props": int(rng.integers(3, 8)),
-            "lamps": int(rng.integers(1, 4)) if light == "night" else 0, "vignette": r(rng.uniform(0.2, 0.9))}
+            "lamps": int(rng.integers(1, 4)) if light == "night" else 0, "vignette": rounded(rng.uniform(0.2, 0.9))}
 
 
-def _frame(rng, s, names, dom, scene):
-    """One image and its label text; `dom` None means the base domain, where everything is drawn afresh per image."""
-    if dom is None:  # base: a fresh daylight scene, balanced classes, and a random scale range per image
+def _frame(rng, size, names, domain, scene):
+    """One image and its label text; `domain` None means the base domain, where everything is drawn afresh per image."""
+    if domain is None:  # base: a fresh daylight scene, balanced classes, and a random scale range per image
         lo = np.exp(rng.uniform(np.log(0.08), np.log(0.4)))
-        dom = {"scene": str(rng.choice(["street", "parking", "park", "plaza", "doorway", "abstract"])), "props": 4,
+        domain = {"scene": str(rng.choice(["street", "parking", "park", "plaza", "doorway", "abstract"])), "props": 4,
                "gain": rng.uniform(0.85, 1.15), "cast": rng.uniform(0.96, 1.04, 3), "lamps": 0, "vignette": 0.0,
                "gamma": 1.0, "haze": 0.0, "blur": rng.uniform(0, 0.8), "noise": rng.uniform(0.5, 3), "objects": (1, 6),
                "mix": [1] * len(names), "scale": (lo, min(0.8, lo * rng.uniform(1.5, 3)))}
-        scene = _scene(rng, s, dom)
-    (_, hz, fg, lmap), img, objs, owner = scene, scene[0].copy(), [], np.zeros((s, s), np.int16)
-    for _ in range(int(rng.integers(dom["objects"][0], dom["objects"][1] + 1))):
-        cls, t = int(rng.choice(len(names), p=np.array(dom["mix"]) / sum(dom["mix"]))), rng.uniform(0, 1)
-        # Perspective: objects standing lower in the frame are nearer, so bigger, within the mounting's range.
-        foot, ph = hz + (1.08 - hz) * t, dom["scale"][0] + (dom["scale"][1] - dom["scale"][0]) * t
-        h = max(6, int(ph * s * HEIGHT.get(names[cls], 0.7) * rng.uniform(0.9, 1.1)))
+        scene = _scene(rng, size, domain)
+    (_, horizon, fg, lmap), img, objs, owner = scene, scene[0].copy(), [], np.zeros((size, size), np.int16)
+    for _ in range(int(rng.integers(domain["objects"][0], domain["objects"][1] + 1))):
+        cls, t = int(rng.choice(len(names), p=np.array(domain["mix"]) / sum(domain["mix"]))), rng.uniform(0, 1)
+        # Perspective: objects standing lower in the frame are nearer, so bigger, within the mounting'size range.
+        foot, ph = horizon + (1.08 - horizon) * t, domain["scale"][0] + (domain["scale"][1] - domain["scale"][0]) * t
+        h = max(6, int(ph * size * HEIGHT.get(names[cls], 0.7) * rng.uniform(0.9, 1.1)))
         draw = {"person": _person, "car": _car, "bicycle": _bicycle}.get(names[cls])
         sp = draw(rng, h) if draw else _generic(rng, h, names[cls])
-        objs.append((foot, cls, sp, int(rng.uniform() * (s - 0.7 * sp.w) - 0.15 * sp.w), int(foot * s) - sp.h))
-    objs.sort(key=lambda o: o[0])  # painter's order: nearer (lower) objects occlude farther ones
+        objs.append((foot, cls, sp, int(rng.uniform() * (size - 0.7 * sp.w) - 0.15 * sp.w), int(foot * size) - sp.h))
+    objs.sort(key=lambda o: o[0])  # painter'size order: nearer (lower) objects occlude farther ones
     for oid, (sp, x0, y0) in enumerate([o[2:] for o in objs] + fg, start=1):
         sp.paste(img, owner, x0, y0, oid if oid <= len(objs) else 0)
     visible, lines = np.bincount(owner.ravel(), minlength=len(objs) + 1), []
@@ -243,13 +251,13 @@ def _frame(rng, s, names, dom, scene):
             continue  # more than ~70% occluded or outside the frame: unlabelled, as an annotator would skip it
         x, y, w, h = cv2.boundingRect((owner == oid).astype(np.uint8))  # visible extent, COCO-style
         if w >= 2 and h >= 2:
-            lines.append(f"{cls} {(x + w / 2) / s:.6f} {(y + h / 2) / s:.6f} {w / s:.6f} {h / s:.6f}\n")
-    # Lighting, haze, optics blur and sensor noise: what turns a clean render into this camera's frame.
+            lines.append(f"{cls} {(x + w / 2) / size:.6f} {(y + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}\n")
+    # Lighting, haze, optics blur and sensor noise: what turns a clean render into this camera'size frame.
     f = img.astype(np.float32) / 255
-    f = (f ** dom["gamma"] if dom["gamma"] != 1 else f) * (lmap * rng.uniform(0.94, 1.06)) + dom["haze"] * 0.7
-    f = np.repeat(f.mean(2, keepdims=True), 3, 2) if dom.get("light") == "ir" else f  # monochrome night vision
-    f = cv2.GaussianBlur(f, (0, 0), dom["blur"]) if dom["blur"] > 0.3 else f
-    f += rng.standard_normal(f.shape, dtype=np.float32) * (dom["noise"] / 255)
+    f = (f ** domain["gamma"] if domain["gamma"] != 1 else f) * (lmap * rng.uniform(0.94, 1.06)) + domain["haze"] * 0.7
+    f = np.repeat(f.mean(2, keepdims=True), 3, 2) if domain.get("light") == "ir" else f  # monochrome night vision
+    f = cv2.GaussianBlur(f, (0, 0), domain["blur"]) if domain["blur"] > 0.3 else f
+    f += rng.standard_normal(f.shape, dtype=np.float32) * (domain["noise"] / 255)
     return np.clip(f * 255 + 0.5, 0, 255).astype(np.uint8), "".join(lines)
 
 
