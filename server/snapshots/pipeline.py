@@ -121,8 +121,7 @@ def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None, pr
     model = prune(dense, ratio, cfg.data.imgsz, s.round_to)
     if ratio > 0 and s.recover_epochs > 0:
         # Distillation alone (det_weight 0): the server's labels are of its base domain, and training on them pulls
-        # the student away from the cameras' domains (measured on the unpruned student: camera mAP50 0.720 ->
-        # 0.649 with labels + KD, 0.704 with KD alone, 4 epochs).
+        # the student away from the cameras' domains (measured: README, "Snapshots and devices").
         spec = TrainSpec.central(cfg.train, epochs=s.recover_epochs, lr=cfg.train.lr / 2, warmup_steps=0,
                                  det_weight=0.0)
         steps = None if progress is None else (lambda done, total, _loss: progress(
