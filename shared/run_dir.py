@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 
-@dataclass(frozen=True)
 class RunDir:
-    root: Path
-
     def __init__(self, root: Path | str):
-        object.__setattr__(self, "root", Path(root))
+        self.root = Path(root)
 
     @property
     def config(self) -> Path:
