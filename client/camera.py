@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 

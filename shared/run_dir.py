@@ -9,37 +9,13 @@ from pathlib import Path
 class RunDir:
     def __init__(self, root: Path | str):
         self.root = Path(root)
-
-    @property
-    def config(self) -> Path:
-        """The run's flat config overrides: what a resume, `fedcam dashboard` and `fedcam snapshot --run` read."""
-        return self.root / "run_config.json"
-
-    @property
-    def events(self) -> Path:
-        return self.root / "events.jsonl"
-
-    @property
-    def store(self) -> Path:
-        return self.root / "fedcam.sqlite"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def log(self) -> Path:
-        """The simulation's own output (Flower, Ray and the apps' logs)."""
-        return self.root / "simulation.log"
-
-    @property
-    def flwr_home(self) -> Path:
-        return self.root / "flwr"
-
-    @property
-    def home(self) -> Path:
-        """HOME of the simulation's processes (Ray's bootstrap config lives there)."""
-        return self.root / "home"
+        self.config = self.root / "run_config.json"  # flat config overrides: resume, dashboard, `snapshot --run`
+        self.events = self.root / "events.jsonl"
+        self.store = self.root / "fedcam.sqlite"
+        self.checkpoints = self.root / "checkpoints"
+        self.log = self.root / "simulation.log"  # the simulation's own output (Flower, Ray, the apps)
+        self.flwr_home = self.root / "flwr"
+        self.home = self.root / "home"  # HOME of the simulation's processes (Ray's bootstrap config lives there)
 
     def overrides(self) -> dict:
         """The saved flat config; {} for a folder that has none (e.g. a registry-only folder)."""

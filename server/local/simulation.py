@@ -30,8 +30,8 @@ def child_env(run_dir: Path, extra: dict[str, str] | None = None) -> dict[str, s
     """Environment of every simulation process: Ray's HOME with a local bootstrap config, so it never
     probes cloud metadata; Flower's home inside the run folder; telemetry and installs off."""
     env = {**os.environ, **OFFLINE_ENV, **(extra or {})}
-    env["HOME"] = str(ray_home(RunDir(run_dir).home))
-    env["FLWR_HOME"] = str(RunDir(run_dir).flwr_home)
+    layout = RunDir(run_dir)
+    env["HOME"], env["FLWR_HOME"] = str(ray_home(layout.home)), str(layout.flwr_home)
     env["RAY_DISABLE_IMPORT_WARNING"] = "1"
     # Local Ray finds "its" IP by connecting a UDP socket to a public DNS server; with clusters off it
     # uses loopback instead (a multi-node Ray cluster sets this back to 1, see README).
