@@ -75,6 +75,7 @@ class SnapshotConfig:
     every: int
     prune_ratio: float
     round_to: int
+    importance: str
     recover_epochs: int
     float_layers: int
     target: str
@@ -83,6 +84,10 @@ class SnapshotConfig:
     tolerance: float
     dir: str
     key_path: str
+
+    def __post_init__(self) -> None:
+        if self.importance not in ("magnitude", "taylor"):
+            raise ValueError(f"config key 'snapshot.importance': '{self.importance}' is neither 'magnitude' nor 'taylor'")
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,26 @@ def test_pruning_keeps_head_outputs_and_narrow_layers(tiny_cfg, tiny_student):
             assert after[name].out_channels % 4 == 0, name
 
 
+def test_taylor_pruning_ranks_by_the_frames_and_leaves_the_dense_model_alone(trained):
+    """Taylor importance reads the labelled batches (another ranking than magnitude, same structure); computing
+    it neither trains the dense model nor moves its BatchNorm statistics, and the pruned copy carries no
+    grads."""
+    import itertools
+
+    cfg, model, _ = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = task.make_loader(task.base_yaml(cfg), "train", cfg, True, 0)
+    taylor = prune(model, 0.5, 64, round_to=4, batches=itertools.islice(loader, 2))
+    magnitude = prune(model, 0.5, 64, round_to=4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in taylor.parameters())
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(taylor) == shapes(magnitude)
+    assert any(not torch.equal(v, magnitude.state_dict()[k]) for k, v in taylor.state_dict().items())
+    with pytest.raises(ValueError, match="snapshot.importance"):
+        cfg.replace(**{"snapshot.importance": "l1"})
+
+
 @pytest.mark.numerics
 def test_first_layers_can_stay_float(trained, tmp_path):
     cfg, model, _ = trained

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import tempfile
 import time
@@ -27,6 +28,7 @@ from shared.train import TrainSpec
 
 log = logging.getLogger("fedcam.server")
 # (stage, done, total): what the snapshot is doing, for progress bars (e.g. "prune 25%: recovering", 40, 120).
+TAYLOR_BATCHES = 8  # labelled base-domain batches whose loss gradients rank the channels (taylor importance)
 StageProgress = Callable[[str, int, int], None]
 
 
@@ -115,10 +117,14 @@ class Candidate:
 
 
 def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None, progress: StageProgress | None = None):
-    """A copy of `dense` with `ratio` of its channels pruned (federated training goes on with the dense model),
-    recovered for snapshot.recover-epochs by distillation from `dense` on the server's frames (seeded)."""
-    s = cfg.snapshot
-    model = prune(dense, ratio, cfg.data.imgsz, s.round_to)
+    """A copy of `dense` with `ratio` of its channels pruned, ranked by snapshot.importance (taylor: on the server's
+    labelled frames; federated training goes on with the dense model), recovered for snapshot.recover-epochs by
+    distillation from `dense` on the server's frames (seeded)."""
+    s, batches = cfg.snapshot, None
+    if s.importance == "taylor":
+        loader = task.make_loader(task.base_yaml(cfg), "train", cfg, True, cfg.seed if seed is None else seed)
+        batches = itertools.islice(loader, TAYLOR_BATCHES)
+    model = prune(dense, ratio, cfg.data.imgsz, s.round_to, batches)
     if ratio > 0 and s.recover_epochs > 0:
         # Distillation alone (det_weight 0): the server's labels are of its base domain, and training on them pulls
         # the student away from the cameras' domains (measured: README, "Snapshots and devices").
