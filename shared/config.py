@@ -39,6 +39,11 @@ class ModelConfig:
     student_checkpoint: str
     teacher_checkpoint: str
     start: str
+    student_prune: float
+
+    def __post_init__(self):
+        if not 0.0 <= self.student_prune < 1.0:
+            raise ValueError(f"config key 'model.student-prune': {self.student_prune} is not in [0, 1)")
 
 
 @dataclass(frozen=True)

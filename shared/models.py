@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from shared import pruned
 from shared.env import prepare_ultralytics
 
 prepare_ultralytics()
@@ -60,6 +61,11 @@ def build(cfg: dict[str, Any], names: list[str]) -> DetectionModel:
         model = DetectionModel(copy.deepcopy(cfg), nc=len(names), verbose=False)
     finally:  # Ultralytics sets a yaml's activation on the Conv class itself: later models must not inherit it
         Conv.default_act = default_act
+    if pruned.KEY in cfg:  # a pruned student: narrow the layers to the widths its yaml records
+        try:
+            pruned.apply(model, cfg[pruned.KEY])
+        except pruned.StructureError as err:
+            raise CheckpointError(str(err)) from None
     model.names = dict(enumerate(names))
     model.args = LOSS_GAINS
     return model

@@ -82,3 +82,28 @@ def test_existing_run_is_never_overwritten(tiny_run):
     assert simulation.launch(again, 2, timeout=300) != 0
     assert (Path(cfg.run_dir) / "events.jsonl").read_text() == before
     assert "already has 2 completed rounds" in (Path(cfg.run_dir) / "simulation.log").read_text()
+
+
+def test_a_student_pruned_before_the_rounds_is_trained_and_shipped_pruned(tiny_cfg, tiny_world, tmp_path):
+    """model.student-prune: the warm start prunes the student, the cameras rebuild and train that structure
+    (the yaml carries its widths), the round checkpoint holds it and the snapshot is made from it unpruned again."""
+    from server.snapshots.registry import Registry
+    from shared import model_files, models
+
+    cfg = sim_cfg(tiny_cfg, tiny_world, tmp_path / "run", **{"fed.rounds": 1, "model.student-prune": 0.5,
+                                                             "snapshot.prune-ratio": 0.0})
+    start = models.load(cfg.model.student_checkpoint)
+    dense = models.build_student(cfg.model, tiny_cfg.data.names)
+    assert models.count_params(start) < 0.7 * models.count_params(dense)
+    assert simulation.launch(cfg, 2, timeout=300) == 0, (tmp_path / "run" / "simulation.log").read_text()[-3000:]
+    (train,) = by_kind(Path(cfg.run_dir), "train_result")
+    assert train["data"]["accepted"] == 2
+    round1 = model_files.open_model(RunCheckpoints(cfg.run_dir).latest_weights()).model
+    assert models.count_params(round1) == models.count_params(start)
+    changed = [k for k, v in round1.state_dict().items() if v.is_floating_point()
+               and not torch.equal(v, start.state_dict()[k])]
+    assert changed, "the round left the pruned student unchanged"
+    (row,) = Registry(Path(cfg.run_dir) / "snapshots").rows()
+    extra = json.loads(row["extra"])
+    assert extra["prune_ratio"] == 0.0 and extra["params"] == models.count_params(start)
+    assert extra["params_unpruned"] == models.count_params(dense)

@@ -115,3 +115,38 @@ def test_packed_wire_format_is_exact_and_checked(tiny_student):
     assert all(torch.equal(back[k], v) for k, v in tiny_student.state_dict().items())
     with pytest.raises(UpdateError, match="packed float32"):
         unpack(wire, layout_of(record)[:-5])
+
+
+def test_a_pruned_student_is_rebuilt_from_its_yaml_alone(tiny_cfg, tiny_student, tmp_path):
+    """A student pruned before the rounds travels as yaml + weights: a ClientApp (packed arrays, whose layout it
+    derives from the yaml) and a checkpoint both rebuild the same network; a record that widens a layer, names
+    other layers or is not integers is refused, naming the layer."""
+    import json
+
+    from client.camera import global_model
+    from server.snapshots.prune import prune
+    from shared.pruned import KEY
+
+    pruned = prune(tiny_student, 0.5, 64, round_to=1)
+    assert models.count_params(pruned) < 0.7 * models.count_params(tiny_student)
+    names = list(tiny_cfg.data.names)
+    config = {"model-yaml": json.dumps(pruned.yaml), "names": names}
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        want = pruned.eval()(x)[0]
+        for rebuilt in (global_model(pack(to_record(pruned)), config),
+                        models.load(models.save(pruned, tmp_path / "pruned.pt"))):
+            assert layout_of(to_record(rebuilt)) == layout_of(to_record(pruned))
+            assert torch.equal(rebuilt.eval()(x)[0], want)
+    record = json.loads(json.dumps(pruned.yaml))[KEY]
+    conv = next(n for n, (cin, cout, _) in record["conv"].items() if cout < 16 and n.endswith(".conv"))
+    widened = copy.deepcopy(record)
+    widened["conv"][conv][1] = 10_000
+    missing = copy.deepcopy(record)
+    del missing["bn"][next(iter(missing["bn"]))]
+    texty = copy.deepcopy(record)
+    texty["conv"][conv][0] = "8"
+    for bad, match in ((widened, f"{conv} out width 10000"), (missing, "bn layers differ"),
+                       (texty, f"{conv} in width '8'"), ([1, 2], "expected")):
+        with pytest.raises(models.CheckpointError, match=match):
+            models.build({**pruned.yaml, KEY: bad}, names)

@@ -84,11 +84,37 @@ def ensure_student(cfg: Config, teacher: Path | None, progress: Progress | None 
     return path
 
 
+PRUNE_RECIPE = ("model.student-prune", "snapshot.importance", "snapshot.round-to", "snapshot.recover-epochs")
+
+
+def pruned_student_path(cfg: Config, dense: Path) -> Path:
+    key = recipe_key(cfg, PRUNE_RECIPE, {"dense": file_hash(dense)})
+    return dense.with_name(f"{dense.stem}_pruned{cfg.model.student_prune:g}_{key}.pt")
+
+
+def ensure_pruned_student(cfg: Config, dense: Path, progress: Progress | None = None, say=print) -> Path:
+    """`dense` with model.student-prune of its channels pruned and recovered on the base domain, cached.
+    The rounds then fine-tune the structure the cameras will run: pruned after the rounds instead, recovery on
+    the server's frames cannot win back what the rounds taught (README, "Snapshots and devices")."""
+    path = pruned_student_path(cfg, dense)
+    if not path.exists():
+        from server.snapshots.pipeline import pruned_student
+        from shared import models
+
+        ratio, epochs = cfg.model.student_prune, cfg.snapshot.recover_epochs
+        say(f"pruning {ratio:.0%} of the starting student's channels ({cfg.snapshot.importance}), "
+            f"{epochs} recovery epochs -> {path}")
+        model = pruned_student(models.load(dense), ratio, cfg, progress=progress)
+        models.save(model, path, dense=str(dense), prune_ratio=ratio, recover_epochs=epochs)
+    return path
+
+
 def prepare(cfg: Config, console=None, progress_for: ProgressFor | None = None) -> Config:
     """Make what a run needs and is missing: the camera world, the teacher and the starting student.
 
     By default (model.start = "distilled") the student starts distilled from the teacher; "base" trains it
-    on labels alone. A given model.student-checkpoint is used as it is.
+    on labels alone; model.student-prune > 0 prunes it before the rounds. A given model.student-checkpoint is
+    used as it is.
     """
     from server.local.world import ensure_world
 
@@ -102,6 +128,8 @@ def prepare(cfg: Config, console=None, progress_for: ProgressFor | None = None) 
         raise ValueError(f"model.start is 'distilled' or 'base', not {cfg.model.start!r}")
     teacher = ensure_teacher(cfg, prog("teacher"), say) if cfg.model.start == "distilled" else None
     student = ensure_student(cfg, teacher, prog("student"), say)
+    if cfg.model.student_prune > 0:
+        student = ensure_pruned_student(cfg, student, prog("pruned student"), say)
     flat = {"model.student-checkpoint": str(student)}
     if teacher is not None:
         flat["model.teacher-checkpoint"] = str(teacher)

@@ -16,15 +16,16 @@ import numpy as np
 from server.snapshots.export import GraphReport, export_onnx, inspect_optimized, quantize
 from server.snapshots.prune import prune
 from server.snapshots.registry import Registry, now_iso
-from shared import task
+from shared import models, task
 from shared.config import Config
 from shared.env import STATE_DIR
 from shared.evaluate import TorchPredictor, evaluate
 from shared.models import count_params
+from shared.pruned import KEY
 from shared.run_dir import RunDir
 from shared.snapshot.format import Manifest, sha256_file
 from shared.snapshot.inference import Detector
-from shared.train import TrainSpec
+from shared.train import Progress, TrainSpec
 
 log = logging.getLogger("fedcam.server")
 # (stage, done, total): what the snapshot is doing, for progress bars (e.g. "prune 25%: recovering", 40, 120).
@@ -39,8 +40,8 @@ class SnapshotResult:
     reason: str
     int8_convs: int
     float_convs: int
-    params_dense: int
-    params_pruned: int
+    params_dense: int  # of the architecture before any pruning
+    params_pruned: int  # of the snapshot
 
 
 def registry_for(cfg: Config) -> Registry:
@@ -94,7 +95,8 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
                             map50_int8=got.map50, map_fp32=ref.map, map_int8=got.map,
                             latency_ms=latency_ms(cand.path, imgsz), created=now_iso(), parent_checkpoint=parent,
                             nms={"iou": settings.iou, "max_det": settings.max_det},
-                            extra={"prune_ratio": ratio, "method": s.method, "float_layers": s.float_layers,
+                            extra={"prune_ratio": ratio, "params": cand.params,
+                                   "params_unpruned": unpruned_params(dense), "method": s.method, "float_layers": s.float_layers,
                                    "int8_convs": cand.graph.int8_convs, "float_convs": cand.graph.float_convs,
                                    "rejected_candidates": failed})
         published = drop <= s.tolerance
@@ -106,7 +108,14 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
     if published and failed:  # what the dashboard shows next to "published"
         reason = f"fell back to unpruned; {reason}"
     return SnapshotResult(manifest, published, reason, cand.graph.int8_convs, cand.graph.float_convs,
-                          count_params(dense), cand.params)
+                          unpruned_params(dense), cand.params)
+
+
+def unpruned_params(model) -> int:
+    """Parameters of `model`'s architecture before any pruning (a student pruned before the rounds is smaller)."""
+    if KEY not in model.yaml:
+        return count_params(model)
+    return count_params(models.build({k: v for k, v in model.yaml.items() if k != KEY}, list(model.names.values())))
 
 
 @dataclass
@@ -116,7 +125,7 @@ class Candidate:
     params: int
 
 
-def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None, progress: StageProgress | None = None):
+def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None, progress: Progress | None = None):
     """A copy of `dense` with `ratio` of its channels pruned, ranked by snapshot.importance (taylor: on the server's
     labelled frames; federated training goes on with the dense model), recovered for snapshot.recover-epochs by
     distillation from `dense` on the server's frames (seeded)."""
@@ -130,9 +139,7 @@ def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None, pr
         # the student away from the cameras' domains (measured: README, "Snapshots and devices").
         spec = TrainSpec.central(cfg.train, epochs=s.recover_epochs, lr=cfg.train.lr / 2, warmup_steps=0,
                                  det_weight=0.0)
-        steps = None if progress is None else (lambda done, total, _loss: progress(
-            f"prune {ratio:.0%}: recovering", done, total))
-        task.distill_fit(model, copy.deepcopy(dense), task.base_yaml(cfg), cfg, spec, seed, progress=steps)
+        task.distill_fit(model, copy.deepcopy(dense), task.base_yaml(cfg), cfg, spec, seed, progress=progress)
     return model
 
 
@@ -140,7 +147,8 @@ def _candidate(dense, ratio: float, cfg: Config, frames: np.ndarray, work: Path,
                progress: StageProgress) -> Candidate:
     """1. prune and recover (ratio > 0), 2. export, 3. quantize and check what onnxruntime really runs."""
     s = cfg.snapshot
-    model = pruned_student(dense, ratio, cfg, progress=progress) if ratio > 0 else dense
+    steps = lambda done, total, _loss: progress(f"prune {ratio:.0%}: recovering", done, total)  # noqa: E731
+    model = pruned_student(dense, ratio, cfg, progress=steps) if ratio > 0 else dense
     progress(f"prune {ratio:.0%}: export and int8 quantization", 0, 1)
     work.mkdir(parents=True, exist_ok=True)
     fp32 = export_onnx(model, work / "fp32.onnx", cfg.data.imgsz, metadata)

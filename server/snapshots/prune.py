@@ -10,54 +10,11 @@ import torch_pruning as tp
 from torch import nn
 
 from shared.env import prepare_ultralytics
+from shared.pruned import KEY, split_c2f, with_structure
 from shared.train import to_float
 
 prepare_ultralytics()
-from ultralytics.nn.modules import C2f, Conv, Detect  # noqa: E402
-
-
-def _conv_slice(src: Conv, rows: slice) -> Conv:
-    """A Conv (conv + BN + act) holding output channels `rows` of `src`, numerically identical."""
-    out = copy.deepcopy(src)
-    out.conv = nn.Conv2d(src.conv.in_channels, rows.stop - rows.start, src.conv.kernel_size, src.conv.stride,
-                         src.conv.padding, bias=False)
-    out.conv.weight.data = src.conv.weight.data[rows].clone()
-    bn = nn.BatchNorm2d(rows.stop - rows.start, eps=src.bn.eps, momentum=src.bn.momentum)
-    for name in ("weight", "bias"):
-        getattr(bn, name).data = getattr(src.bn, name).data[rows].clone()
-    for name in ("running_mean", "running_var"):
-        getattr(bn, name).data = getattr(src.bn, name)[rows].clone()
-    bn.num_batches_tracked.data = src.bn.num_batches_tracked.clone()
-    out.bn = bn
-    return out
-
-
-class C2fSplit(nn.Module):
-    """C2f whose chunked 1x1 conv is two convs: chunk() hides the two halves from the dependency graph."""
-
-    def __init__(self, c2f: C2f):
-        super().__init__()
-        c = c2f.c
-        self.cv0, self.cv1 = _conv_slice(c2f.cv1, slice(0, c)), _conv_slice(c2f.cv1, slice(c, 2 * c))
-        self.cv2, self.m = c2f.cv2, c2f.m
-        for attr in ("f", "i", "type", "np"):  # Ultralytics' graph bookkeeping (_predict_once reads f and i)
-            if hasattr(c2f, attr):
-                setattr(self, attr, getattr(c2f, attr))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = [self.cv0(x), self.cv1(x)]
-        y.extend(m(y[-1]) for m in self.m)
-        return self.cv2(torch.cat(y, 1))
-
-
-def split_c2f(model: nn.Module) -> nn.Module:
-    """Replace every C2f in place by its C2fSplit equivalent (same outputs)."""
-    for name, child in model.named_children():
-        if isinstance(child, C2f):
-            setattr(model, name, C2fSplit(child))
-        else:
-            split_c2f(child)
-    return model
+from ultralytics.nn.modules import Detect  # noqa: E402
 
 
 def taylor_importance(model: nn.Module, batches: Iterable[dict]) -> tp.importance.Importance:
@@ -103,4 +60,6 @@ def prune(model: nn.Module, ratio: float, imgsz: int, round_to: int = 8,
     pruner.step()
     for p in pruned.parameters():
         p.grad = None  # the importance's grads are not the snapshot's
+    # The widths travel in the model yaml (to checkpoints, and to clients that train the pruned student).
+    pruned.yaml = with_structure({k: v for k, v in model.yaml.items() if k != KEY}, pruned)
     return pruned
