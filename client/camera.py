@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from shared import models, task
+from shared import models, personal, task
 from shared.arrays import is_packed, layout_of, to_record, to_state_dict, unpack
 from shared.config import Config
+from shared.run_dir import RunDir
 from shared.train import TrainSpec
+
+
+log = logging.getLogger("fedcam.client")
 
 
 class NodeConfigError(ValueError):
@@ -40,6 +45,58 @@ def global_model(arrays, config: Mapping[str, Any]):
         arrays = unpack(arrays, layout_of(to_record(model)))
     model.load_state_dict(to_state_dict(arrays))
     return model
+
+
+def personal_file(node_config: Mapping[str, Any], cfg: Config, model_yaml: Mapping, mode: str) -> Path:
+    """A device keeps its personal part beside its frame store (or in node config `personal-dir`), a simulated
+    camera under the run folder (so both survive a SuperNode restart and --resume)."""
+    if "personal-dir" in node_config:
+        folder = Path(str(node_config["personal-dir"]))
+    elif "data-path" in node_config:
+        folder = node_data(node_config, cfg).parent / "personal"
+    else:
+        folder = RunDir(cfg.run_dir).personal
+    camera = str(node_config.get("camera-id", node_config.get("partition-id", "device")))
+    return personal.part_file(folder, model_yaml, mode, camera)
+
+
+class PersonalPart:
+    """A camera's personal part (fed.personal): in the node's context.state while it runs, on disk across
+    restarts. A camera without one yet (it joined late, or the run is new) starts from the global model's."""
+
+    def __init__(self, model, mode: str, state, path: Path):
+        self.mode, self.state, self.path = mode, state, path
+        self.keys = personal.personal_keys(model, mode) if mode != "none" else []
+
+    def restore(self, model) -> str:
+        """Put the kept part into `model`; where it came from: 'state', 'disk' or 'global' (none kept yet)."""
+        if not self.keys:
+            return "global"
+        source = "state" if personal.STATE_KEY in self.state else "disk"
+        try:
+            if source == "state":
+                part = to_state_dict(self.state[personal.STATE_KEY])
+            elif (part := personal.load_part(self.path)) is None:
+                return "global"
+            personal.apply_part(model, part, self.keys)
+        except personal.PersonalError as err:  # set aside, never overwritten: the camera starts again from global
+            aside = self.path.with_suffix(".unusable")
+            if source == "disk":
+                self.path.replace(aside)
+            log.warning("personal part from %s not used (%s); starting from the global model%s", source, err,
+                        f", file kept as {aside}" if source == "disk" else "")
+            return "global"
+        return source
+
+    def keep(self, model) -> None:
+        if self.keys:
+            part = personal.part_of(model, self.keys)
+            personal.save_part(self.path, part)
+            self.state[personal.STATE_KEY] = to_record(part)
+
+    def shared(self, model):
+        """The reply's weights: everything but the personal part."""
+        return to_record({k: v for k, v in model.state_dict().items() if k not in set(self.keys)})
 
 
 def update_norm(before: dict[str, torch.Tensor], model: torch.nn.Module) -> float:

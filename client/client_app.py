@@ -15,11 +15,19 @@ setup_offline()  # the offline variables, before any library reads them
 app = ClientApp()
 
 
+def personal_part(model, config, context: Context, cfg):
+    from client import camera
+
+    mode = str(config.get("personal", "none"))  # the server's plan (shared.train.local_plan)
+    path = camera.personal_file(context.node_config, cfg, model.yaml, mode)
+    return camera.PersonalPart(model, mode, context.state, path)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     started = time.time()
     from client import camera  # torch/Ultralytics load on first message, not at import
-    from shared.arrays import is_packed, pack, to_record
+    from shared.arrays import is_packed, pack
     from shared.config import load_config
 
     imported = time.time()
@@ -27,17 +35,24 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     model = camera.global_model(msg.content["arrays"], config)
     data = camera.node_data(context.node_config, cfg)
+    part = personal_part(model, config, context, cfg)
     # The received global model's score on this camera: Flower's evaluate stage without a second message.
-    before = camera.local_evaluate(model, data, cfg) if config.get("evaluate-first", False) else {}
+    first = bool(config.get("evaluate-first", False))
+    before = camera.local_evaluate(model, data, cfg) if first else {}
+    source = part.restore(model)
+    own = camera.local_evaluate(model, data, cfg) if first and part.keys else {}  # what this camera runs
     metrics = camera.local_finetune(model, data, cfg, config,
                                    teacher=camera.teacher_path(context.node_config, cfg))
+    part.keep(model)
     metrics.update({f"global-{k}": v for k, v in before.items()})
+    metrics.update({f"personal-{k}": v for k, v in own.items()})
+    metrics["personal-kept"] = float(source != "global")  # 0: a first round, a late joiner or a reset part
     metrics["seconds"] = time.time() - started
     # Where a message's time goes outside training: the process' age when the message arrived (a fresh
     # ClientApp process per message under a SuperNode; a long-lived worker in simulation) and the task imports.
     metrics["process-age"] = started - psutil.Process().create_time()
     metrics["import-seconds"] = imported - started
-    reply = to_record(model)
+    reply = part.shared(model)  # the personal part never leaves the camera
     reply = pack(reply) if is_packed(msg.content["arrays"]) else reply  # answer in the format it came in
     return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -49,5 +64,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     cfg = load_config(context.run_config)
     model = camera.global_model(msg.content["arrays"], msg.content["config"])
+    personal_part(model, msg.content["config"], context, cfg).restore(model)  # score what this camera runs
     metrics = camera.local_evaluate(model, camera.node_data(context.node_config, cfg), cfg)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

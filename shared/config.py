@@ -103,6 +103,9 @@ class EvalConfig:
     batch: int
 
 
+PERSONAL_MODES = ("none", "bn", "head", "bn+head")  # fed.personal: what stays on each camera (shared/personal.py)
+
+
 @dataclass(frozen=True)
 class FedConfig:
     rounds: int
@@ -116,6 +119,7 @@ class FedConfig:
     local_lr: float
     local_optimizer: str
     freeze_bn: bool
+    personal: str
     proximal_mu: float
     server_lr: float
     server_momentum: float
@@ -124,6 +128,11 @@ class FedConfig:
     max_update_norm: float
     round_timeout: float
     checkpoint_every: int
+
+    def __post_init__(self):
+        if self.personal not in PERSONAL_MODES:
+            raise ValueError(f"config key 'fed.personal': '{self.personal}' is not one of "
+                             f"{', '.join(PERSONAL_MODES)}")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ class RunDir:
         self.log = self.root / "simulation.log"  # the simulation's own output (Flower, Ray, the apps)
         self.flwr_home = self.root / "flwr"
         self.home = self.root / "home"  # HOME of the simulation's processes (Ray's bootstrap config lives there)
+        self.personal = self.root / "personal"  # simulated cameras' personal parts (fed.personal), one file each
 
     def overrides(self) -> dict:
         """The saved flat config; {} for a folder that has none (e.g. a registry-only folder)."""

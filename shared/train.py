@@ -48,7 +48,7 @@ class TrainSpec:
 
 def local_plan(f: FedConfig) -> dict[str, Any]:
     """What the server decides, once, about every camera's local training: the train message carries it."""
-    return {"lr": f.local_lr, "local-epochs": f.local_epochs, "local-steps": f.local_steps}
+    return {"lr": f.local_lr, "local-epochs": f.local_epochs, "local-steps": f.local_steps, "personal": f.personal}
 
 
 def round_seed(seed: int, rnd: int) -> int:

@@ -113,3 +113,31 @@ def test_packed_update_of_the_wrong_size_is_rejected(tiny_cfg, tiny_student):
     arrays, _ = strategy.aggregate_train(1, [reply(pack(to_record(short)), 1)])
     assert arrays is None
     assert "packed float32" in events[-1].data["clients"][0]["reason"]
+
+
+@pytest.mark.parametrize("name", sorted(BASES))
+def test_personal_keys_are_left_out_by_cameras_and_kept_by_every_strategy(name, tiny_cfg, tiny_student):
+    """fed.personal = bn: replies without BatchNorm keys are aggregated by the unchanged Flower strategy, the
+    global BatchNorm stays exactly as it was, and a reply that carries a personal key is refused."""
+    from shared.personal import personal_keys
+
+    state = tiny_student.state_dict()
+    keys = personal_keys(tiny_student, "bn")
+    assert keys and all(".bn." in k for k in keys)
+    global_arrays, events = to_record(state), []
+    strategy = prepared(name, tiny_cfg, global_arrays, events)
+    strategy.personal = frozenset(keys)
+    sent = {k: v for k, v in shifted(state, 0.02).items() if k not in keys}
+    leaky = shifted(state, 0.02)  # sends its BatchNorm too
+    arrays, _ = strategy.aggregate_train(1, [reply(pack(ArrayRecord(sent)), 1), reply(ArrayRecord(sent), 2),
+                                             reply(pack(leaky), 3), reply(leaky, 4)])
+    assert arrays is not None and list(arrays.keys()) == list(state)
+    for k in keys:
+        assert np.array_equal(arrays[k].numpy(), state[k].numpy()), k
+    moved = [k for k in state if k not in keys and not np.array_equal(arrays[k].numpy(), state[k].numpy())]
+    assert moved, "the shared weights did not move"
+    (event,) = [e for e in events if e.kind == "train_result"]
+    outcomes = {c["node_id"]: c for c in event.data["clients"]}
+    assert event.data["accepted"] == 2 and not outcomes[3]["ok"]
+    assert "packed" in outcomes[3]["reason"]  # packed with its BatchNorm: more values than the shared layout
+    assert "carries personal keys" in outcomes[4]["reason"] and sorted(keys)[0] in outcomes[4]["reason"]

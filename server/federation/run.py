@@ -71,7 +71,14 @@ class FederatedRun:
                              "evaluate-first": f.evaluate_in_train})
 
     def evaluate_config(self) -> ConfigRecord:
-        return ConfigRecord({"model-yaml": json.dumps(self.model.yaml), "names": self.names})
+        return ConfigRecord({"model-yaml": json.dumps(self.model.yaml), "names": self.names,
+                             "personal": self.cfg.fed.personal})
+
+    def personal_keys(self) -> list[str]:
+        """The keys every camera keeps to itself (fed.personal): its replies leave them out."""
+        from shared.personal import personal_keys
+
+        return personal_keys(self.model, self.cfg.fed.personal) if self.cfg.fed.personal != "none" else []
 
     def central_evaluate(self, strategy):
         """Flower's evaluate_fn: score the global model on held-out camera val data, then close the round."""

@@ -24,7 +24,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(context.run_config)
     set_threads(cfg.train.threads)
     run = FederatedRun(cfg)
-    strategy = make_strategy(cfg.fed, run.bus, cfg.seed, round_offset=run.done)
+    strategy = make_strategy(cfg.fed, run.bus, cfg.seed, round_offset=run.done, personal=run.personal_keys())
     strategy.load_state_arrays(run.state)
     run.start_event()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import OrderedDict
 from typing import Iterable
 
 import numpy as np
@@ -33,6 +34,7 @@ class FedcamMixin:
     seed: int = 0
     max_update_norm: float | None = None
     wait_timeout: float = 60.0
+    personal: frozenset[str] = frozenset()  # keys the cameras keep (fed.personal): replies leave them out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         rnd = server_round + self.round_offset
@@ -106,8 +108,9 @@ class FedcamMixin:
                     raise UpdateError("reply carries no weights")
                 key, record = next(iter(msg.content.array_records.items()))
                 if is_packed(record):
-                    record = unpack(record, self._layout)
-                    msg.content[key] = record  # Flower's aggregation sees per-tensor arrays again
+                    record = unpack(record, [item for item in self._layout if item[0] not in self.personal])
+                record = self._with_global_personal(record)
+                msg.content[key] = record  # Flower's aggregation sees per-tensor arrays again
                 metrics["update-norm-server"] = check_compatible(self._reference, record, self.max_update_norm)
             except UpdateError as err:
                 log.warning("round update from node %d rejected: %s", node, err)
@@ -116,6 +119,23 @@ class FedcamMixin:
             good.append(msg)
             outcomes.append(ClientOutcome(node, True, "", metrics))
         return good, outcomes
+
+    def _with_global_personal(self, record: ArrayRecord) -> ArrayRecord:
+        """The full record the strategy aggregates: the personal keys (left out by every camera) hold the
+        global model's own values, so any Flower strategy leaves them as they were. A camera that sent one
+        anyway is refused: its personal part must not leave it."""
+        if not self.personal:
+            return record
+        sent = self.personal & set(record.keys())
+        if sent:
+            raise UpdateError(f"reply carries personal keys, e.g. {sorted(sent)[:3]}")
+        keys = [key for key, _, _ in self._layout]
+        missing = [k for k in keys if k not in self.personal and k not in record]
+        extra = set(record.keys()) - set(keys)
+        if missing or extra:  # check_compatible's wording: the same defect reads the same either way
+            raise UpdateError(f"keys differ: missing {missing[:3]}, unexpected {sorted(extra)[:3]}")
+        return ArrayRecord(OrderedDict(
+            (k, Array(self._reference[k].numpy()) if k in self.personal else record[k]) for k in keys))
 
     def _restore(self, arrays: ArrayRecord) -> ArrayRecord:
         """Averaging turns integer buffers into floats and server optimizers can push BN variances below 0."""
@@ -155,7 +175,7 @@ BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": Fe
          "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
 
 
-def make_strategy(f: FedConfig, bus: EventBus, seed: int, round_offset: int = 0):
+def make_strategy(f: FedConfig, bus: EventBus, seed: int, round_offset: int = 0, personal: Iterable[str] = ()):
     """The Flower strategy named by `fed.strategy`, with fedcam's screening and events mixed in."""
     name = f.strategy.lower()
     if name not in BASES:
@@ -173,4 +193,5 @@ def make_strategy(f: FedConfig, bus: EventBus, seed: int, round_offset: int = 0)
     strategy.bus, strategy.seed, strategy.round_offset = bus, seed, round_offset
     strategy.max_update_norm = f.max_update_norm if f.max_update_norm > 0 else None
     strategy.wait_timeout = f.round_timeout
+    strategy.personal = frozenset(personal)
     return strategy

@@ -49,3 +49,29 @@ def centralized(cfg: Config, start: Path) -> EventBus:
         bus.emit("round_end", rnd, central=task.score_cameras(net, cfg), seconds=time.time() - t0)
     bus.emit("run_end", cfg.fed.rounds)
     return bus
+
+
+def camera_runs_scores(run_dir: Path) -> dict[str, float]:
+    """Mean per-camera val mAP of what each simulated camera runs after a finished run: the last global model
+    plus, where the run personalized (fed.personal), that camera's personal part from the run folder."""
+    import json
+
+    from client.camera import personal_file
+    from server.federation.checkpoint import RunCheckpoints
+    from shared import personal
+    from shared.config import load_config
+
+    layout = RunDir(run_dir)
+    cfg = load_config({**json.loads(layout.config.read_text()), "resume": True})
+    mode = cfg.fed.personal
+    per = []
+    for k in range(cfg.data.cameras):
+        net = models.load(RunCheckpoints(run_dir).latest_weights())
+        if mode != "none":
+            part = personal.load_part(personal_file({"partition-id": k}, cfg, net.yaml, mode))
+            if part is None:
+                raise FileNotFoundError(f"{run_dir}: camera {k} kept no personal part ({mode})")
+            personal.apply_part(net, part, personal.personal_keys(net, mode))
+        per.append(task.score(net, task.camera_yaml(cfg, k), cfg))
+    return {"cam-map50": sum(r.map50 for r in per) / len(per), "cam-map": sum(r.map for r in per) / len(per),
+            "per-camera-map50": [round(r.map50, 4) for r in per]}

@@ -1,0 +1,82 @@
+"""fed.personal: a camera's personal part stays in its replies' absence, in its state and on its disk."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from client.camera import PersonalPart, personal_file
+from client.client_app import app
+from shared import personal
+from shared.arrays import UpdateError, layout_of, pack, to_record, unpack
+from shared.config import to_flat
+from shared.train import local_plan
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages take their run id from the process's task identity, as inside a running app."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def train_message(model, cfg, seed: int = 1) -> Message:
+    names = [model.names[i] for i in sorted(model.names)]
+    config = ConfigRecord({"model-yaml": json.dumps(model.yaml), "names": names, **local_plan(cfg.fed),
+                           "seed": seed, "evaluate-first": True})
+    return Message(RecordDict({"arrays": pack(to_record(model)), "config": config}), dst_node_id=5,
+                   message_type="train")
+
+
+def test_the_bn_part_never_leaves_the_camera_and_survives_a_restart(tiny_cfg, tiny_world, tiny_student, tmp_path):
+    cfg = tiny_cfg.replace(**{"data.root": str(tiny_world), "run-dir": str(tmp_path / "run"), "fed.personal": "bn",
+                              "fed.freeze-bn": False, "fed.local-lr": 0.01})
+    keys = personal.personal_keys(tiny_student, "bn")
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config=to_flat(cfg))
+    out = app(train_message(tiny_student, cfg), context)
+    assert not out.has_error(), out.error.reason if out.has_error() else ""
+    shared_layout = [item for item in layout_of(to_record(tiny_student)) if item[0] not in keys]
+    reply = unpack(out.content["arrays"], shared_layout)  # fits the shared keys exactly: no BatchNorm in it
+    assert not set(keys) & set(reply.keys())
+    with pytest.raises(UpdateError):
+        unpack(out.content["arrays"], layout_of(to_record(tiny_student)))
+    metrics = out.content["metrics"]
+    assert metrics["personal-kept"] == 0.0 and 0.0 <= metrics["personal-map50"] <= 1.0
+    # Kept in the node's state and on disk, and trained (BatchNorm statistics moved on this camera's frames).
+    path = personal_file(context.node_config, cfg, tiny_student.yaml, "bn")
+    assert personal.STATE_KEY in context.state and path.is_file()
+    part = personal.load_part(path)
+    initial = personal.part_of(tiny_student, keys)
+    assert any(not torch.equal(part[k], initial[k]) for k in keys if k.endswith("running_mean"))
+    # A restarted node (empty state) takes it from disk; the next round starts from it, not from the global one.
+    restarted = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(),
+                        run_config=to_flat(cfg))
+    again = app(train_message(tiny_student, cfg, seed=2), restarted)
+    assert again.content["metrics"]["personal-kept"] == 1.0
+    fresh = PersonalPart(tiny_student, "bn", RecordDict(), path)
+    probe = copy.deepcopy(tiny_student)
+    assert fresh.restore(probe) == "disk"
+    assert all(torch.equal(probe.state_dict()[k], v) for k, v in personal.load_part(path).items())
+
+
+def test_an_unusable_part_is_set_aside_and_the_camera_starts_from_global(tiny_cfg, tiny_student, tmp_path):
+    path = tmp_path / "personal_0.pt"
+    keys = personal.personal_keys(tiny_student, "bn")
+    personal.save_part(path, {k: torch.zeros(3) for k in keys[:2]})  # another model's part
+    model = copy.deepcopy(tiny_student)
+    assert PersonalPart(model, "bn", RecordDict(), path).restore(model) == "global"
+    assert not path.exists() and path.with_suffix(".unusable").is_file()  # kept, not overwritten
+    assert all(torch.equal(model.state_dict()[k], tiny_student.state_dict()[k]) for k in keys)
+    path.write_bytes(b"not a torch file")
+    assert PersonalPart(model, "bn", RecordDict(), path).restore(model) == "global"
+    assert path.with_suffix(".unusable").read_bytes() == b"not a torch file"
+    with pytest.raises(ValueError, match="'fed.personal': 'all'"):
+        tiny_cfg.replace(**{"fed.personal": "all"})
