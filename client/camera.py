@@ -15,7 +15,7 @@ from shared import models, personal, task
 from shared.arrays import is_packed, layout_of, to_record, to_state_dict, unpack
 from shared.config import Config
 from shared.run_dir import RunDir
-from shared.train import TrainSpec
+from shared.train import TrainSpec, estimate_bn_stats
 
 
 log = logging.getLogger("fedcam.client")
@@ -127,6 +127,16 @@ def pseudo_labelled_pool(path: str, data_yaml: Path, cfg: Config) -> tuple:
     loader = task.make_loader(data_yaml, "pool", cfg, False)
     settings = replace(task.nms_settings(cfg), conf=cfg.distill.pseudo_conf)  # the run's NMS, the teacher's bar
     return tuple(s for s in pseudo_label(load_teacher(path), loader, settings) if len(s.labels))
+
+
+def adapt_bn(model, data_yaml: Path, cfg: Config) -> int:
+    """AdaBN on this camera: BatchNorm statistics from its own train and pool frames (no labels used)."""
+    splits = [s for s in ("train", "pool") if split_size(data_yaml, s)]
+    if not splits:
+        return 0
+    extra = [x for s in splits[1:] for x in task.samples_of(data_yaml, s)]
+    loader = task.make_loader(data_yaml, splits[0], cfg, False, batch=cfg.train.batch, extra_samples=extra)
+    return estimate_bn_stats(model, loader)
 
 
 def local_finetune(model, data_yaml: Path, cfg: Config, config: Mapping[str, Any],

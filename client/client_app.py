@@ -40,12 +40,17 @@ def train(msg: Message, context: Context) -> Message:
     first = bool(config.get("evaluate-first", False))
     before = camera.local_evaluate(model, data, cfg) if first else {}
     source = part.restore(model)
-    own = camera.local_evaluate(model, data, cfg) if first and part.keys else {}  # what this camera runs
+    adabn = bool(config.get("adabn", False))
+    if adabn:
+        camera.adapt_bn(model, data, cfg)
+    own = camera.local_evaluate(model, data, cfg) if first and (part.keys or adabn) else {}  # what it runs
     metrics = camera.local_finetune(model, data, cfg, config,
                                    teacher=camera.teacher_path(context.node_config, cfg))
+    if adabn:  # statistics of the weights it now has, not the running averages training left behind
+        camera.adapt_bn(model, data, cfg)
     part.keep(model)
     metrics.update({f"global-{k}": v for k, v in before.items()})
-    metrics.update({f"personal-{k}": v for k, v in own.items()})
+    metrics.update({f"own-{k}": v for k, v in own.items()})
     metrics["personal-kept"] = float(source != "global")  # 0: a first round, a late joiner or a reset part
     metrics["seconds"] = time.time() - started
     # Where a message's time goes outside training: the process' age when the message arrived (a fresh

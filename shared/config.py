@@ -119,6 +119,7 @@ class FedConfig:
     local_lr: float
     local_optimizer: str
     freeze_bn: bool
+    adabn: bool
     personal: str
     proximal_mu: float
     server_lr: float

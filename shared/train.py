@@ -48,7 +48,8 @@ class TrainSpec:
 
 def local_plan(f: FedConfig) -> dict[str, Any]:
     """What the server decides, once, about every camera's local training: the train message carries it."""
-    return {"lr": f.local_lr, "local-epochs": f.local_epochs, "local-steps": f.local_steps, "personal": f.personal}
+    return {"lr": f.local_lr, "local-epochs": f.local_epochs, "local-steps": f.local_steps, "personal": f.personal,
+            "adabn": f.adabn}
 
 
 def round_seed(seed: int, rnd: int) -> int:
@@ -98,6 +99,29 @@ def set_train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
+
+
+@torch.no_grad()
+def estimate_bn_stats(model: torch.nn.Module, loader) -> int:
+    """Every BatchNorm's running statistics re-estimated as the plain average over `loader`'s frames (AdaBN,
+    Li et al. 2016): a camera's own statistics from its own frames, labels unused, weights unchanged. The
+    running averages training leaves behind lag the weights by the BN momentum; this does not."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    model.train()
+    frames = 0
+    try:
+        for batch in loader:
+            model(to_float(batch)["img"])
+            frames += batch["img"].shape[0]
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+    return frames
 
 
 def to_float(batch: dict) -> dict:

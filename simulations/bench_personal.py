@@ -19,7 +19,9 @@ from shared.run_dir import RunDir
 SCENARIOS = Path(__file__).parent / "scenarios"
 # name -> overrides; every arm runs FedAvg on the same world, start and rounds.
 DEFAULT_ARMS = ["none=", "none-bn-adapts=fed.freeze-bn=false", "bn=fed.personal=bn;fed.freeze-bn=false",
-                "head=fed.personal=head", "bn+head=fed.personal=bn+head;fed.freeze-bn=false"]
+                "head=fed.personal=head", "bn+head=fed.personal=bn+head;fed.freeze-bn=false",
+                "adabn=fed.adabn=true", "bn-adabn=fed.personal=bn;fed.adabn=true",
+                "head-adabn=fed.personal=head;fed.adabn=true", "bn+head-adabn=fed.personal=bn+head;fed.adabn=true"]
 
 
 def fedcam(*args: str) -> float:
@@ -54,7 +56,8 @@ def main() -> None:
         score = camera_runs_scores(run)
         rows.append((name, score, bytes_up(run), wall))
         print(f"{name}: {score['cam-map50']:.3f} ({wall:.0f}s)", flush=True)
-    for name, sets in (("local-only", []), ("local-bn-adapts", ["--set", "fed.freeze-bn=false"])):
+    for name, sets in (("local-only", []), ("local-bn-adapts", ["--set", "fed.freeze-bn=false"]),
+                       ("local-adabn", ["--set", "fed.adabn=true"])):
         wall = fedcam("baseline", "local", "--scenario", args.scenario, "--rounds", str(args.rounds),
                       "--run-dir", str(out / name), *sets)  # the same local budget per round as every arm
         end = [e for e in read_events(RunDir(out / name).events) if e["kind"] == "round_end"][-1]

@@ -56,6 +56,13 @@ def test_api_returns_what_was_stored(dashboard):
     clients = httpx.get(url + "/api/clients").json()
     assert len(clients) == 2 and all(c["rounds"] == 2 for c in clients)
     assert sum(c["contribution"] for c in clients) == pytest.approx(1.0)
+    # The cameras' own scores of what they received (evaluate-in-train), filed under the round that made it.
+    trains = [e for e in events if e["kind"] == "train_result"]
+    cams = {c["round"]: c for c in httpx.get(url + "/api/cameras").json()}
+    assert set(cams) == {e["round"] - 1 for e in trains}
+    for e in trains:
+        sent = [c["metrics"]["global-map50"] for c in e["data"]["clients"] if c["ok"]]
+        assert cams[e["round"] - 1]["camera_map50"] == pytest.approx(sum(sent) / len(sent))  # fed.personal none
     stored = Registry(Path(cfg.run_dir) / "snapshots").rows()
     assert [s["version"] for s in httpx.get(url + "/api/snapshots").json()] == [s["version"] for s in stored]
     assert httpx.get(url + "/api/run").json()["runs"][-1]["status"] == "finished"

@@ -107,3 +107,27 @@ def test_a_student_pruned_before_the_rounds_is_trained_and_shipped_pruned(tiny_c
     extra = json.loads(row["extra"])
     assert extra["prune_ratio"] == 0.0 and extra["params"] == models.count_params(start)
     assert extra["params_unpruned"] == models.count_params(dense)
+
+
+def test_fedbn_run_keeps_batchnorm_on_the_cameras(tiny_cfg, tiny_world, tmp_path):
+    """fed.personal = bn through the Simulation Engine: each camera keeps its own BatchNorm (a file per camera in
+    the run folder, reused in round 2), sends less than it receives, and the global BatchNorm never moves."""
+    from client.camera import personal_file
+    from shared import model_files, models, personal
+
+    cfg = sim_cfg(tiny_cfg, tiny_world, tmp_path / "run", **{"fed.personal": "bn", "fed.freeze-bn": False,
+                                                             "snapshot.enabled": False})
+    assert simulation.launch(cfg, 2, timeout=300) == 0, (tmp_path / "run" / "simulation.log").read_text()[-3000:]
+    start = models.load(cfg.model.student_checkpoint)
+    keys = personal.personal_keys(start, "bn")
+    trains = by_kind(Path(cfg.run_dir), "train_result")
+    assert [t["data"]["accepted"] for t in trains] == [2, 2]
+    kept = [[c["metrics"]["personal-kept"] for c in t["data"]["clients"]] for t in trains]
+    assert kept == [[0.0, 0.0], [1.0, 1.0]]  # round 1 starts from the global BatchNorm, round 2 from its own
+    assert all(c["metrics"]["bytes-up"] < c["metrics"]["bytes-down"] for t in trains for c in t["data"]["clients"])
+    final = model_files.open_model(RunCheckpoints(cfg.run_dir).latest_weights()).model
+    assert all(torch.equal(final.state_dict()[k], start.state_dict()[k]) for k in keys)
+    parts = [personal.load_part(personal_file({"partition-id": k}, cfg, start.yaml, "bn")) for k in (0, 1)]
+    assert all(p is not None and set(p) == set(keys) for p in parts)
+    means = [k for k in keys if k.endswith("running_mean")]
+    assert any(not torch.equal(parts[0][k], parts[1][k]) for k in means)  # two cameras, two sets of statistics

@@ -49,7 +49,7 @@ def test_the_bn_part_never_leaves_the_camera_and_survives_a_restart(tiny_cfg, ti
     with pytest.raises(UpdateError):
         unpack(out.content["arrays"], layout_of(to_record(tiny_student)))
     metrics = out.content["metrics"]
-    assert metrics["personal-kept"] == 0.0 and 0.0 <= metrics["personal-map50"] <= 1.0
+    assert metrics["personal-kept"] == 0.0 and 0.0 <= metrics["own-map50"] <= 1.0
     # Kept in the node's state and on disk, and trained (BatchNorm statistics moved on this camera's frames).
     path = personal_file(context.node_config, cfg, tiny_student.yaml, "bn")
     assert personal.STATE_KEY in context.state and path.is_file()
@@ -80,3 +80,18 @@ def test_an_unusable_part_is_set_aside_and_the_camera_starts_from_global(tiny_cf
     assert path.with_suffix(".unusable").read_bytes() == b"not a torch file"
     with pytest.raises(ValueError, match="'fed.personal': 'all'"):
         tiny_cfg.replace(**{"fed.personal": "all"})
+
+
+def test_adabn_sets_the_statistics_of_the_frames_and_leaves_the_weights(tiny_student):
+    from shared.train import estimate_bn_stats
+
+    model = copy.deepcopy(tiny_student)
+    frames = [torch.randint(0, 255, (4, 3, 64, 64), dtype=torch.uint8) * (i + 1) // 2 for i in range(2)]
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    momentum = model.model[0].bn.momentum
+    assert estimate_bn_stats(model, [{"img": x} for x in frames]) == 8
+    with torch.no_grad():
+        first = torch.cat([model.model[0].conv(x.float() / 255) for x in frames])
+    assert torch.allclose(model.model[0].bn.running_mean, first.mean((0, 2, 3)), atol=1e-4)
+    assert all(torch.equal(v, weights[k]) for k, v in model.named_parameters())
+    assert model.model[0].bn.momentum == momentum and not model.training

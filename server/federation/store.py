@@ -15,7 +15,7 @@ CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, started REAL, ende
     bytes_up INTEGER, bytes_down INTEGER, seconds REAL);
 CREATE TABLE IF NOT EXISTS clients (round INTEGER, node_id TEXT, ok INTEGER, reason TEXT, seconds REAL,
     examples INTEGER, loss REAL, update_norm REAL, bytes_up INTEGER, bytes_down INTEGER, time REAL,
-    PRIMARY KEY (round, node_id));
+    global_map50 REAL, camera_map50 REAL, PRIMARY KEY (round, node_id));
 CREATE TABLE IF NOT EXISTS snapshots (version TEXT PRIMARY KEY, round INTEGER, published INTEGER, reason TEXT,
     map50_fp32 REAL, map50_int8 REAL, size INTEGER, latency_ms REAL, int8_convs INTEGER, time REAL);
 """
@@ -36,6 +36,10 @@ class RunStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(connect(self.path)) as db, db:
             db.executescript(SCHEMA)
+            have = {row["name"] for row in db.execute("PRAGMA table_info(clients)")}
+            for column in ("global_map50", "camera_map50"):  # a store from before these columns: resume keeps it
+                if column not in have:
+                    db.execute(f"ALTER TABLE clients ADD COLUMN {column} REAL")
 
     def __call__(self, event, arrays=None) -> None:
         d, r, t = event.data, event.round, event.time
@@ -72,10 +76,15 @@ class RunStore:
                     down, d.get("seconds"), r))
         for c in clients:
             m = c.get("metrics", {})
-            db.execute("INSERT OR REPLACE INTO clients VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            # The camera's score of the model it received: the global one, and with its personal part what it
+            # runs (fed.personal; without one the two are the same model).
+            own = m.get("own-map50", m.get("global-map50"))
+            db.execute("INSERT OR REPLACE INTO clients (round, node_id, ok, reason, seconds, examples, loss,"
+                       " update_norm, bytes_up, bytes_down, time, global_map50, camera_map50)"
+                       " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                        (r, str(c["node_id"]), int(c["ok"]), c.get("reason", ""), m.get("seconds"),
                         m.get("num-examples"), m.get("loss"), m.get("update-norm"), m.get("bytes-up"),
-                        m.get("bytes-down"), t))
+                        m.get("bytes-down"), t, m.get("global-map50"), own))
 
 
 def query(path: Path | str, sql: str, args: tuple = ()) -> list[dict]:

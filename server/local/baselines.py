@@ -13,6 +13,12 @@ from shared.run_dir import RunDir
 from shared.train import TrainSpec, local_plan, round_seed
 
 
+def adapt_bn(net, data_yaml, cfg: Config) -> None:
+    from client.camera import adapt_bn as camera_adapt_bn
+
+    camera_adapt_bn(net, data_yaml, cfg)
+
+
 def _local_spec(cfg: Config) -> TrainSpec:
     # Same optimizer, lr and per-round budget as a federated client: only the sharing differs.
     return TrainSpec.local(cfg.train, cfg.fed, local_plan(cfg.fed))
@@ -28,7 +34,11 @@ def local_only(cfg: Config, start: Path) -> EventBus:
         t0 = time.time()
         scores = []
         for k, net in enumerate(nets):
+            if cfg.fed.adabn:  # the same recipe as a federated camera's (client/client_app.py)
+                adapt_bn(net, task.camera_yaml(cfg, k), cfg)
             task.fit(net, task.camera_yaml(cfg, k), cfg, _local_spec(cfg), seed=round_seed(cfg.seed, rnd))
+            if cfg.fed.adabn:
+                adapt_bn(net, task.camera_yaml(cfg, k), cfg)
             scores.append(task.score(net, task.camera_yaml(cfg, k), cfg))
         central = {"cam-map50": sum(s.map50 for s in scores) / len(scores),
                    "cam-map": sum(s.map for s in scores) / len(scores)}
@@ -53,7 +63,8 @@ def centralized(cfg: Config, start: Path) -> EventBus:
 
 def camera_runs_scores(run_dir: Path) -> dict[str, float]:
     """Mean per-camera val mAP of what each simulated camera runs after a finished run: the last global model
-    plus, where the run personalized (fed.personal), that camera's personal part from the run folder."""
+    plus, where the run personalized (fed.personal), that camera's personal part from the run folder (and with
+    fed.adabn, BatchNorm statistics of its own frames)."""
     import json
 
     from client.camera import personal_file
@@ -72,6 +83,8 @@ def camera_runs_scores(run_dir: Path) -> dict[str, float]:
             if part is None:
                 raise FileNotFoundError(f"{run_dir}: camera {k} kept no personal part ({mode})")
             personal.apply_part(net, part, personal.personal_keys(net, mode))
+        if cfg.fed.adabn:  # as the camera does with every model it receives
+            adapt_bn(net, task.camera_yaml(cfg, k), cfg)
         per.append(task.score(net, task.camera_yaml(cfg, k), cfg))
     return {"cam-map50": sum(r.map50 for r in per) / len(per), "cam-map": sum(r.map for r in per) / len(per),
             "per-camera-map50": [round(r.map50, 4) for r in per]}

@@ -66,6 +66,14 @@ def add_dashboard(app: FastAPI, run_dir: Path | str) -> None:
             c["contribution"] = (c["examples"] or 0) / total  # share of examples averaged into the model
         return out
 
+    @app.get("/api/cameras")
+    def cameras() -> list[dict]:
+        """Per round, the cameras' own scores of the model they received (the previous round's global model):
+        as sent, and with each camera's personal part, i.e. what the camera runs."""
+        return rows("SELECT round - 1 AS round, AVG(global_map50) AS global_map50, AVG(camera_map50) AS camera_map50,"
+                    " COUNT(camera_map50) AS cameras FROM clients WHERE ok AND camera_map50 IS NOT NULL"
+                    " GROUP BY round ORDER BY round")
+
     @app.get("/api/run-snapshots")
     def run_snapshots() -> list[dict]:
         return rows("SELECT * FROM snapshots ORDER BY time")
