@@ -43,10 +43,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--out", default="runs/bench_personal")
     ap.add_argument("--arm", action="append", help="NAME=key=value;key=value (default: none, bn, head, ...)")
+    ap.add_argument("--set", dest="sets", action="append", default=[],
+                    help="key=value for every arm and the local-only runs alike (e.g. fed.local-epochs=3)")
     args = ap.parse_args()
     print(f"instruction sets: {isa_summary()}", flush=True)
     out, rows = Path(args.out), []
-    common = ["--scenario", args.scenario, "--rounds", str(args.rounds), "--set", "snapshot.enabled=false"]
+    both = [x for s in args.sets for x in ("--set", s)]
+    common = ["--scenario", args.scenario, "--rounds", str(args.rounds), "--set", "snapshot.enabled=false", *both]
     for arm in args.arm or DEFAULT_ARMS:
         name, _, sets = arm.partition("=")
         run = out / name
@@ -59,7 +62,7 @@ def main() -> None:
     for name, sets in (("local-only", []), ("local-bn-adapts", ["--set", "fed.freeze-bn=false"]),
                        ("local-adabn", ["--set", "fed.adabn=true"])):
         wall = fedcam("baseline", "local", "--scenario", args.scenario, "--rounds", str(args.rounds),
-                      "--run-dir", str(out / name), *sets)  # the same local budget per round as every arm
+                      "--run-dir", str(out / name), *both, *sets)  # the same local budget as every arm
         end = [e for e in read_events(RunDir(out / name).events) if e["kind"] == "round_end"][-1]
         rows.append((name, end["data"]["central"], 0.0, wall))
     print(f"\n{Path(args.scenario).stem}, {args.rounds} rounds: mean per-camera val mAP of what each camera runs")
