@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--arm", action="append", help="NAME=key=value;key=value (default: none, bn, head, ...)")
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="key=value for every arm and the local-only runs alike (e.g. fed.local-epochs=3)")
+    ap.add_argument("--locals", default="local-only,local-bn-adapts,local-adabn", help="local-only runs to make")
     args = ap.parse_args()
     print(f"instruction sets: {isa_summary()}", flush=True)
     out, rows = Path(args.out), []
@@ -59,8 +60,10 @@ def main() -> None:
         score = camera_runs_scores(run)
         rows.append((name, score, bytes_up(run), wall))
         print(f"{name}: {score['cam-map50']:.3f} ({wall:.0f}s)", flush=True)
-    for name, sets in (("local-only", []), ("local-bn-adapts", ["--set", "fed.freeze-bn=false"]),
-                       ("local-adabn", ["--set", "fed.adabn=true"])):
+    locals_ = {"local-only": [], "local-bn-adapts": ["--set", "fed.freeze-bn=false"],
+               "local-adabn": ["--set", "fed.adabn=true"]}
+    for name in args.locals.split(","):
+        sets = locals_[name]
         wall = fedcam("baseline", "local", "--scenario", args.scenario, "--rounds", str(args.rounds),
                       "--run-dir", str(out / name), *both, *sets)  # the same local budget as every arm
         end = [e for e in read_events(RunDir(out / name).events) if e["kind"] == "round_end"][-1]
