@@ -82,6 +82,7 @@ def test_an_unusable_part_is_set_aside_and_the_camera_starts_from_global(tiny_cf
         tiny_cfg.replace(**{"fed.personal": "all"})
 
 
+@pytest.mark.numerics
 def test_adabn_sets_the_statistics_of_the_frames_and_leaves_the_weights(tiny_student):
     from shared.train import estimate_bn_stats
 

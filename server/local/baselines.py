@@ -41,7 +41,8 @@ def local_only(cfg: Config, start: Path) -> EventBus:
                 adapt_bn(net, task.camera_yaml(cfg, k), cfg)
             scores.append(task.score(net, task.camera_yaml(cfg, k), cfg))
         central = {"cam-map50": sum(s.map50 for s in scores) / len(scores),
-                   "cam-map": sum(s.map for s in scores) / len(scores)}
+                   "cam-map": sum(s.map for s in scores) / len(scores),
+                   "per-camera-map50": [round(s.map50, 4) for s in scores]}
         bus.emit("round_end", rnd, central=central, seconds=time.time() - t0)
     bus.emit("run_end", cfg.fed.rounds)
     return bus
