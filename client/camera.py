@@ -65,7 +65,7 @@ class PersonalPart:
     restarts. A camera without one yet (it joined late, or the run is new) starts from the global model's."""
 
     def __init__(self, model, mode: str, state, path: Path):
-        self.mode, self.state, self.path = mode, state, path
+        self.state, self.path = state, path
         self.keys = personal.personal_keys(model, mode) if mode != "none" else []
 
     def restore(self, model) -> str:
@@ -96,7 +96,8 @@ class PersonalPart:
 
     def shared(self, model):
         """The reply's weights: everything but the personal part."""
-        return to_record({k: v for k, v in model.state_dict().items() if k not in set(self.keys)})
+        keep = set(self.keys)
+        return to_record({k: v for k, v in model.state_dict().items() if k not in keep})
 
 
 def update_norm(before: dict[str, torch.Tensor], model: torch.nn.Module) -> float:

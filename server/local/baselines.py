@@ -6,17 +6,12 @@ import copy
 import time
 from pathlib import Path
 
+from client.camera import adapt_bn
 from server.federation.events import EventBus, JsonlLog
 from shared import models, task
 from shared.config import Config
 from shared.run_dir import RunDir
 from shared.train import TrainSpec, local_plan, round_seed
-
-
-def adapt_bn(net, data_yaml, cfg: Config) -> None:
-    from client.camera import adapt_bn as camera_adapt_bn
-
-    camera_adapt_bn(net, data_yaml, cfg)
 
 
 def _local_spec(cfg: Config) -> TrainSpec:
