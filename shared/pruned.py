@@ -72,9 +72,14 @@ def describe(model: nn.Module) -> dict[str, Any]:
             "bn": {n: m.num_features for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}}
 
 
+def unpruned(yaml: dict[str, Any]) -> dict[str, Any]:
+    """The model yaml without its widths record: the architecture before any pruning."""
+    return {k: v for k, v in yaml.items() if k != KEY}
+
+
 def with_structure(yaml: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """`yaml` (the unpruned model's) plus the record of `model`'s widths."""
-    return {**copy.deepcopy(yaml), KEY: describe(model)}
+    """`yaml` (any pruning record dropped) plus the record of `model`'s widths."""
+    return {**copy.deepcopy(unpruned(yaml)), KEY: describe(model)}
 
 
 def apply(model: nn.Module, record: Any) -> nn.Module:

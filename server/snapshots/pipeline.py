@@ -21,7 +21,7 @@ from shared.config import Config
 from shared.env import STATE_DIR
 from shared.evaluate import TorchPredictor, evaluate
 from shared.models import count_params
-from shared.pruned import KEY
+from shared.pruned import KEY, unpruned
 from shared.run_dir import RunDir
 from shared.snapshot.format import Manifest, sha256_file
 from shared.snapshot.inference import Detector
@@ -78,6 +78,7 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
     loader, settings = (lambda: task.make_loader(held_out, "val", cfg, False)), task.nms_settings(cfg)
     ref = evaluate(TorchPredictor(dense, settings), loader(), names)
     version, failed, frames = registry.next_version(), [], calibration_frames(cfg)
+    params_unpruned = unpruned_params(dense)
     with tempfile.TemporaryDirectory() as tmp:
         for ratio in dict.fromkeys([s.prune_ratio, 0.0]):  # the configured ratio first, then no pruning
             work = Path(tmp) / f"prune{ratio}"
@@ -95,8 +96,8 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
                             map50_int8=got.map50, map_fp32=ref.map, map_int8=got.map,
                             latency_ms=latency_ms(cand.path, imgsz), created=now_iso(), parent_checkpoint=parent,
                             nms={"iou": settings.iou, "max_det": settings.max_det},
-                            extra={"prune_ratio": ratio, "params": cand.params,
-                                   "params_unpruned": unpruned_params(dense), "method": s.method, "float_layers": s.float_layers,
+                            extra={"prune_ratio": ratio, "params": cand.params, "params_unpruned": params_unpruned,
+                                   "method": s.method, "float_layers": s.float_layers,
                                    "int8_convs": cand.graph.int8_convs, "float_convs": cand.graph.float_convs,
                                    "rejected_candidates": failed})
         published = drop <= s.tolerance
@@ -108,14 +109,14 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
     if published and failed:  # what the dashboard shows next to "published"
         reason = f"fell back to unpruned; {reason}"
     return SnapshotResult(manifest, published, reason, cand.graph.int8_convs, cand.graph.float_convs,
-                          unpruned_params(dense), cand.params)
+                          params_unpruned, cand.params)
 
 
 def unpruned_params(model) -> int:
     """Parameters of `model`'s architecture before any pruning (a student pruned before the rounds is smaller)."""
     if KEY not in model.yaml:
         return count_params(model)
-    return count_params(models.build({k: v for k, v in model.yaml.items() if k != KEY}, list(model.names.values())))
+    return count_params(models.build(unpruned(model.yaml), list(model.names.values())))
 
 
 @dataclass
@@ -127,8 +128,8 @@ class Candidate:
 
 def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None, progress: Progress | None = None):
     """A copy of `dense` with `ratio` of its channels pruned, ranked by snapshot.importance (taylor: on the server's
-    labelled frames; federated training goes on with the dense model), recovered for snapshot.recover-epochs by
-    distillation from `dense` on the server's frames (seeded)."""
+    labelled frames), recovered for snapshot.recover-epochs by distillation from `dense` on the server's frames
+    (seeded). Used by snapshots (`dense` itself stays as it is) and by the warm start (model.student-prune)."""
     s, batches = cfg.snapshot, None
     if s.importance == "taylor":
         loader = task.make_loader(task.base_yaml(cfg), "train", cfg, True, cfg.seed if seed is None else seed)

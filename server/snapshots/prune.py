@@ -10,7 +10,7 @@ import torch_pruning as tp
 from torch import nn
 
 from shared.env import prepare_ultralytics
-from shared.pruned import KEY, split_c2f, with_structure
+from shared.pruned import split_c2f, with_structure
 from shared.train import to_float
 
 prepare_ultralytics()
@@ -61,5 +61,5 @@ def prune(model: nn.Module, ratio: float, imgsz: int, round_to: int = 8,
     for p in pruned.parameters():
         p.grad = None  # the importance's grads are not the snapshot's
     # The widths travel in the model yaml (to checkpoints, and to clients that train the pruned student).
-    pruned.yaml = with_structure({k: v for k, v in model.yaml.items() if k != KEY}, pruned)
+    pruned.yaml = with_structure(model.yaml, pruned)
     return pruned
