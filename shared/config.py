@@ -15,6 +15,7 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 class DataConfig:
     root: str
     cameras: int
+    held_out: int
     classes: str
     imgsz: int
     base_train: int
@@ -27,6 +28,11 @@ class DataConfig:
     @property
     def names(self) -> list[str]:
         return [c.strip() for c in self.classes.split(",") if c.strip()]
+
+    @property
+    def held_out_cameras(self) -> list[int]:
+        """Camera ids that never take part in training: the world's last `held-out` cameras."""
+        return list(range(self.cameras, self.cameras + self.held_out))
 
 
 @dataclass(frozen=True)
@@ -121,9 +127,11 @@ class FedConfig:
     freeze_bn: bool
     adabn: bool
     personal: str
+    keep_finetuned: bool
     proximal_mu: float
     server_lr: float
     server_momentum: float
+    adam_eta: float
     trim_beta: float
     krum_byzantine: int
     max_update_norm: float

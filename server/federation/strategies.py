@@ -184,8 +184,8 @@ def make_strategy(f: FedConfig, bus: EventBus, seed: int, round_offset: int = 0,
                   min_train_nodes=f.min_nodes, min_evaluate_nodes=f.min_nodes,
                   min_available_nodes=f.min_nodes)
     extra = {"fedprox": dict(proximal_mu=f.proximal_mu),
-             "fedadam": dict(eta=f.server_lr, eta_l=f.local_lr),  # eta_l only labels Flower's log line
-             "fedavgm": dict(server_learning_rate=1.0, server_momentum=f.server_momentum),
+             "fedadam": dict(eta=f.adam_eta, eta_l=f.local_lr),  # eta_l only labels Flower's log line
+             "fedavgm": dict(server_learning_rate=f.server_lr, server_momentum=f.server_momentum),
              "fedtrimmedavg": dict(beta=f.trim_beta),
              "krum": dict(num_malicious_nodes=f.krum_byzantine)}.get(name, {})
     cls = type(f"Fedcam{BASES[name].__name__}", (FedcamMixin, BASES[name]), {})

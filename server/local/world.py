@@ -323,8 +323,9 @@ def make_world(out: Path, names: list[str], cameras: int, seed: int, imgsz: int 
 
 
 def ensure_world(cfg: Config, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Generate the configured camera world under data.root unless it is already there."""
+    """Generate the configured camera world (training cameras, then held-out ones) under data.root unless it is
+    already there."""
     d = cfg.data
-    return make_world(Path(d.root), d.names, d.cameras, cfg.seed, imgsz=d.imgsz, base_train=d.base_train,
+    return make_world(Path(d.root), d.names, d.cameras + d.held_out, cfg.seed, imgsz=d.imgsz, base_train=d.base_train,
                       base_val=d.base_val, camera_train=d.camera_train, camera_val=d.camera_val,
                       camera_pool=d.camera_pool, shift=d.shift, progress=progress)
