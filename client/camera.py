@@ -19,6 +19,7 @@ from shared.train import TrainSpec, estimate_bn_stats
 
 
 log = logging.getLogger("fedcam.client")
+FINETUNED_KEY = "fedcam-finetuned"  # context.state entry of the model a camera fine-tuned last (fed.keep-finetuned)
 
 
 class NodeConfigError(ValueError):
@@ -62,42 +63,59 @@ def personal_file(node_config: Mapping[str, Any], cfg: Config, model_yaml: Mappi
 
 class PersonalPart:
     """A camera's personal part (fed.personal): in the node's context.state while it runs, on disk across
-    restarts. A camera without one yet (it joined late, or the run is new) starts from the global model's."""
+    restarts. A camera without one yet (it joined late, or the run is new) starts from the global model's.
+    With fed.keep-finetuned it also keeps the whole model it fine-tuned last, and runs that."""
 
-    def __init__(self, model, mode: str, state, path: Path):
-        self.state, self.path = state, path
+    def __init__(self, model, mode: str, state, path: Path, finetuned: bool = False, finetuned_path: Path | None = None):
+        self.state, self.path, self.finetuned, self.finetuned_path = state, path, finetuned, finetuned_path
         self.keys = personal.personal_keys(model, mode) if mode != "none" else []
 
     def restore(self, model) -> str:
         """Put the kept part into `model`; where it came from: 'state', 'disk' or 'global' (none kept yet)."""
-        if not self.keys:
-            return "global"
-        source = "state" if personal.STATE_KEY in self.state else "disk"
-        try:
-            if source == "state":
-                part = to_state_dict(self.state[personal.STATE_KEY])
-            elif (part := personal.load_part(self.path)) is None:
-                return "global"
-            personal.apply_part(model, part, self.keys)
-        except personal.PersonalError as err:  # set aside, never overwritten: the camera starts again from global
-            aside = self.path.with_suffix(".unusable")
-            if source == "disk":
-                self.path.replace(aside)
-            log.warning("personal part from %s not used (%s); starting from the global model%s", source, err,
-                        f", file kept as {aside}" if source == "disk" else "")
-            return "global"
-        return source
+        return self._load(model, personal.STATE_KEY, self.path, self.keys)
+
+    def runs(self, model) -> str:
+        """Make `model` what this camera runs: its last fine-tuned model (fed.keep-finetuned) if it has one, else
+        the global model with its personal part."""
+        if self.finetuned and self.finetuned_path is not None:
+            source = self._load(model, FINETUNED_KEY, self.finetuned_path, list(model.state_dict()))
+            if source != "global":
+                return source
+        return self.restore(model)
 
     def keep(self, model) -> None:
         if self.keys:
             part = personal.part_of(model, self.keys)
             personal.save_part(self.path, part)
             self.state[personal.STATE_KEY] = to_record(part)
+        if self.finetuned and self.finetuned_path is not None:
+            whole = personal.part_of(model, list(model.state_dict()))
+            personal.save_part(self.finetuned_path, whole)
+            self.state[FINETUNED_KEY] = to_record(whole)
 
     def shared(self, model):
         """The reply's weights: everything but the personal part."""
         keep = set(self.keys)
         return to_record({k: v for k, v in model.state_dict().items() if k not in keep})
+
+    def _load(self, model, state_key: str, path: Path, keys: list[str]) -> str:
+        if not keys:
+            return "global"
+        source = "state" if state_key in self.state else "disk"
+        try:
+            if source == "state":
+                part = to_state_dict(self.state[state_key])
+            elif (part := personal.load_part(path)) is None:
+                return "global"
+            personal.apply_part(model, part, keys)
+        except personal.PersonalError as err:  # set aside, never overwritten: the camera starts again from global
+            aside = path.with_suffix(".unusable")
+            if source == "disk":
+                path.replace(aside)
+            log.warning("personal part from %s not used (%s); starting from the global model%s", source, err,
+                        f", file kept as {aside}" if source == "disk" else "")
+            return "global"
+        return source
 
 
 def update_norm(before: dict[str, torch.Tensor], model: torch.nn.Module) -> float:

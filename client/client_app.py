@@ -20,7 +20,9 @@ def personal_part(model, config, context: Context, cfg):
 
     mode = str(config.get("personal", "none"))  # the server's plan (shared.train.local_plan)
     path = camera.personal_file(context.node_config, cfg, model.yaml, mode)
-    return camera.PersonalPart(model, mode, context.state, path)
+    finetuned = bool(config.get("keep-finetuned", False))
+    kept = camera.personal_file(context.node_config, cfg, model.yaml, "finetuned") if finetuned else None
+    return camera.PersonalPart(model, mode, context.state, path, finetuned, kept)
 
 
 @app.train()
@@ -43,11 +45,14 @@ def train(msg: Message, context: Context) -> Message:
     adabn = bool(config.get("adabn", False))
     if adabn:
         camera.adapt_bn(model, data, cfg)
-    own = camera.local_evaluate(model, data, cfg) if first and (part.keys or adabn) else {}  # what it runs
+    runs_global = first and (part.keys or adabn) and not part.finetuned
+    own = camera.local_evaluate(model, data, cfg) if runs_global else {}  # what it runs
     metrics = camera.local_finetune(model, data, cfg, config,
                                    teacher=camera.teacher_path(context.node_config, cfg))
     if adabn:  # statistics of the weights it now has, not the running averages training left behind
         camera.adapt_bn(model, data, cfg)
+    if first and part.finetuned:  # it runs what it just fine-tuned
+        own = camera.local_evaluate(model, data, cfg)
     part.keep(model)
     metrics.update({f"global-{k}": v for k, v in before.items()})
     metrics.update({f"own-{k}": v for k, v in own.items()})
@@ -69,6 +74,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     cfg = load_config(context.run_config)
     model = camera.global_model(msg.content["arrays"], msg.content["config"])
-    personal_part(model, msg.content["config"], context, cfg).restore(model)  # score what this camera runs
+    personal_part(model, msg.content["config"], context, cfg).runs(model)  # score what this camera runs
     metrics = camera.local_evaluate(model, camera.node_data(context.node_config, cfg), cfg)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
