@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--arm", action="append", help="NAME=key=value;key=value (default: none, bn, head, ...)")
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="key=value for every arm and the local-only runs alike (e.g. fed.local-epochs=3)")
-    ap.add_argument("--locals", default="local-only,local-bn-adapts,local-adabn", help="local-only runs to make")
+    ap.add_argument("--locals", default="local-only,centralized", help="baselines to run: local-only, local-bn-adapts, local-adabn, centralized")
     args = ap.parse_args()
     print(f"instruction sets: {isa_summary()}", flush=True)
     out, rows = Path(args.out), []
@@ -60,19 +60,25 @@ def main() -> None:
         score = camera_runs_scores(run)
         rows.append((name, score, bytes_up(run), wall))
         print(f"{name}: {score['cam-map50']:.3f} ({wall:.0f}s)", flush=True)
-    locals_ = {"local-only": [], "local-bn-adapts": ["--set", "fed.freeze-bn=false"],
-               "local-adabn": ["--set", "fed.adabn=true"]}
-    for name in args.locals.split(","):
-        sets = locals_[name]
-        wall = fedcam("baseline", "local", "--scenario", args.scenario, "--rounds", str(args.rounds),
+    locals_ = {"local-only": ("local", []), "local-bn-adapts": ("local", ["--set", "fed.freeze-bn=false"]),
+               "local-adabn": ("local", ["--set", "fed.adabn=true"]), "centralized": ("central", [])}
+    for name in filter(None, args.locals.split(",")):
+        kind, sets = locals_[name]
+        wall = fedcam("baseline", kind, "--scenario", args.scenario, "--rounds", str(args.rounds),
                       "--run-dir", str(out / name), *both, *sets)  # the same local budget as every arm
         end = [e for e in read_events(RunDir(out / name).events) if e["kind"] == "round_end"][-1]
         rows.append((name, end["data"]["central"], 0.0, wall))
+        if kind == "central":  # and that model fine-tuned one more local round by each camera alone
+            tuned = {k.removeprefix("finetuned-"): v for k, v in end["data"]["central"].items()
+                     if k.startswith("finetuned-")}
+            rows.append(("central+ft", {**end["data"]["central"], **tuned}, 0.0, 0.0))
     print(f"\n{Path(args.scenario).stem}, {args.rounds} rounds: mean per-camera val mAP of what each camera runs")
-    print(f"{'arm':<16}{'mAP50':>8}{'mAP50-95':>10}{'KB up/round':>13}{'wall s':>8}  per camera")
+    print(f"{'arm':<16}{'mAP50':>8}{'mAP50-95':>10}{'KB up/round':>13}{'wall s':>8}{'new cam':>9}{'+AdaBN':>8}"
+          "  per camera")
     for name, s, up, wall in rows:
         per = " ".join(f"{v:.3f}" for v in s.get("per-camera-map50", []))
-        print(f"{name:<16}{s['cam-map50']:>8.3f}{s['cam-map']:>10.3f}{up / 1024:>13.0f}{wall:>8.0f}  {per}")
+        new = f"{s['held-out-cam-map50']:>9.3f}{s['held-out-adabn-cam-map50']:>8.3f}" if "held-out-cam-map50" in s else " " * 17
+        print(f"{name:<16}{s['cam-map50']:>8.3f}{s['cam-map']:>10.3f}{up / 1024:>13.0f}{wall:>8.0f}{new}  {per}")
 
 
 if __name__ == "__main__":
