@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from client.camera import PersonalPart, personal_file
 from client.client_app import app
 from shared import personal
-from shared.arrays import UpdateError, layout_of, pack, to_record, unpack
+from shared.arrays import UpdateError, layout_of, pack, to_record, to_state_dict, unpack
 from shared.config import to_flat
 from shared.train import local_plan
 
@@ -96,3 +96,47 @@ def test_adabn_sets_the_statistics_of_the_frames_and_leaves_the_weights(tiny_stu
     assert torch.allclose(model.model[0].bn.running_mean, first.mean((0, 2, 3)), atol=1e-4)
     assert all(torch.equal(v, weights[k]) for k, v in model.named_parameters())
     assert model.model[0].bn.momentum == momentum and not model.training
+
+
+def test_a_camera_that_keeps_its_finetuned_model_runs_exactly_what_it_sent(tiny_cfg, tiny_world, tiny_student,
+                                                                            tmp_path):
+    """fed.keep-finetuned (FedAvg+FT): the whole update still goes to the server, the camera keeps that model
+    (state and disk) and Flower's evaluate stage scores it rather than the global model it is sent."""
+    cfg = tiny_cfg.replace(**{"data.root": str(tiny_world), "run-dir": str(tmp_path / "run"),
+                              "fed.keep-finetuned": True, "fed.local-lr": 0.01})
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config=to_flat(cfg))
+    out = app(train_message(tiny_student, cfg), context)
+    assert not out.has_error(), out.error.reason if out.has_error() else ""
+    sent = to_state_dict(unpack(out.content["arrays"], layout_of(to_record(tiny_student))))  # every key
+    kept = personal.load_part(personal_file(context.node_config, cfg, tiny_student.yaml, "finetuned"))
+    assert kept is not None and set(kept) == set(sent)
+    assert all(torch.equal(kept[k], sent[k]) for k in sent)
+    assert any(not torch.equal(sent[k], v) for k, v in tiny_student.state_dict().items() if v.is_floating_point())
+    assert out.content["metrics"]["own-map50"] >= 0.0  # scored after the fine-tune: the model it now runs
+
+
+def evaluate_message(model, keep_finetuned: bool) -> Message:
+    names = [model.names[i] for i in sorted(model.names)]
+    config = ConfigRecord({"model-yaml": json.dumps(model.yaml), "names": names, "personal": "none",
+                           "keep-finetuned": keep_finetuned})
+    return Message(RecordDict({"arrays": to_record(model), "config": config}), dst_node_id=5, message_type="evaluate")
+
+
+def test_evaluate_scores_the_model_the_camera_kept_not_the_one_it_is_sent(trained, tmp_path):
+    from shared import models
+
+    cfg, model, map50 = trained
+    cfg = cfg.replace(**{"run-dir": str(tmp_path / "run"), "fed.keep-finetuned": True})
+    fresh = models.build_student(cfg.model, cfg.data.names)  # what the server sends: it detects nothing yet
+    path = personal_file({"partition-id": 0}, cfg, fresh.yaml, "finetuned")
+    PersonalPart(model, "none", RecordDict(), tmp_path / "unused.pt", True, path).keep(model)
+    scores = {}
+    for keep in (True, False):  # a SuperNode restart each time: only the disk remembers
+        context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(),
+                          run_config=to_flat(cfg.replace(**{"fed.keep-finetuned": keep})))
+        ev = app(evaluate_message(fresh, keep), context)
+        assert not ev.has_error(), ev.error.reason if ev.has_error() else ""
+        scores[keep] = ev.content["metrics"]["map50"]
+    assert scores[True] == pytest.approx(map50)  # the kept (trained) model, on the camera's val split
+    assert scores[False] < map50 / 2  # without keep-finetuned it runs what it receives
