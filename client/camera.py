@@ -19,7 +19,7 @@ from shared.train import TrainSpec, estimate_bn_stats
 
 
 log = logging.getLogger("fedcam.client")
-FINETUNED_KEY = "fedcam-finetuned"  # context.state entry of the model a camera fine-tuned last (fed.keep-finetuned)
+FINETUNED_KEY = "fedcam-finetuned"  # context.state entry of the whole model a camera runs (keep-finetuned, Ditto)
 
 
 class NodeConfigError(ValueError):
@@ -64,7 +64,8 @@ def personal_file(node_config: Mapping[str, Any], cfg: Config, model_yaml: Mappi
 class PersonalPart:
     """A camera's personal part (fed.personal): in the node's context.state while it runs, on disk across
     restarts. A camera without one yet (it joined late, or the run is new) starts from the global model's.
-    With fed.keep-finetuned it also keeps the whole model it fine-tuned last, and runs that."""
+    With fed.keep-finetuned it also keeps the whole model it fine-tuned last, with fed.ditto-lambda its own
+    Ditto model, and runs that."""
 
     def __init__(self, model, mode: str, state, path: Path, finetuned: bool = False, finetuned_path: Path | None = None):
         self.state, self.path, self.finetuned, self.finetuned_path = state, path, finetuned, finetuned_path
@@ -83,13 +84,15 @@ class PersonalPart:
                 return source
         return self.restore(model)
 
-    def keep(self, model) -> None:
+    def keep(self, model, runs=None) -> None:
+        """Keep `model`'s personal part and, with a whole model of its own, `runs` (default: `model`)."""
         if self.keys:
             part = personal.part_of(model, self.keys)
             personal.save_part(self.path, part)
             self.state[personal.STATE_KEY] = to_record(part)
         if self.finetuned and self.finetuned_path is not None:
-            whole = personal.part_of(model, list(model.state_dict()))
+            runs = model if runs is None else runs
+            whole = personal.part_of(runs, list(runs.state_dict()))
             personal.save_part(self.finetuned_path, whole)
             self.state[FINETUNED_KEY] = to_record(whole)
 
@@ -158,11 +161,13 @@ def adapt_bn(model, data_yaml: Path, cfg: Config) -> int:
     return estimate_bn_stats(model, loader)
 
 
-def local_finetune(model, data_yaml: Path, cfg: Config, config: Mapping[str, Any],
-                   teacher: str = "") -> dict[str, float]:
+def local_finetune(model, data_yaml: Path, cfg: Config, config: Mapping[str, Any], teacher: str = "",
+                   anchor: list | None = None, mu: float = 0.0) -> dict[str, float]:
     """Fine-tune in place on this camera's train split (plus, with a teacher, its pseudo-labelled pool and the
-    distillation terms); metrics for the server (Flower's num-examples first)."""
+    distillation terms); metrics for the server (Flower's num-examples first). With `anchor`, a proximal term
+    mu/2·||w − anchor||² (Ditto: the camera's own model pulled toward the global one)."""
     spec = TrainSpec.local(cfg.train, cfg.fed, config)  # the server's plan for this round (shared.train.local_plan)
+    spec = replace(spec, proximal_mu=mu) if anchor is not None else spec
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seed = int(config["seed"])
     # A device's frame store may hold only unlabelled frames: then the teacher's pseudo-labels are all it has.
@@ -172,9 +177,10 @@ def local_finetune(model, data_yaml: Path, cfg: Config, config: Mapping[str, Any
         raise NodeConfigError(f"{data_yaml}: no labelled train frames" + (
             " and the teacher found nothing in the pool" if teacher else " and no teacher-path to pseudo-label its pool"))
     if teacher:
-        result = task.distill_fit(model, load_teacher(teacher), labelled, cfg, spec, seed, extra_samples=pool)
+        result = task.distill_fit(model, load_teacher(teacher), labelled, cfg, spec, seed, extra_samples=pool,
+                                  anchor=anchor)
     else:
-        result = task.fit(model, labelled, cfg, spec, seed=seed)
+        result = task.fit(model, labelled, cfg, spec, seed=seed, anchor=anchor)
     return {"num-examples": result.examples, "pseudo-labelled": len(pool), "loss": sum(result.losses) / max(1, len(result.losses)),
             "last-loss": result.losses[-1] if result.losses else 0.0, "steps": result.steps,
             "train-seconds": result.seconds, "update-norm": update_norm(before, model)}

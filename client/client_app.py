@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import psutil
@@ -20,7 +21,7 @@ def personal_part(model, config, context: Context, cfg):
 
     mode = str(config.get("personal", "none"))  # the server's plan (shared.train.local_plan)
     path = camera.personal_file(context.node_config, cfg, model.yaml, mode)
-    finetuned = bool(config.get("keep-finetuned", False))
+    finetuned = bool(config.get("keep-finetuned", False)) or float(config.get("ditto-lambda", 0.0)) > 0
     kept = camera.personal_file(context.node_config, cfg, model.yaml, "finetuned") if finetuned else None
     return camera.PersonalPart(model, mode, context.state, path, finetuned, kept)
 
@@ -45,15 +46,24 @@ def train(msg: Message, context: Context) -> Message:
     adabn = bool(config.get("adabn", False))
     if adabn:
         camera.adapt_bn(model, data, cfg)
+    ditto = float(config.get("ditto-lambda", 0.0))
+    if ditto > 0:  # Ditto: the camera's own model goes on from where it was, pulled toward the global one
+        mine, anchor = copy.deepcopy(model), [p.detach().clone() for p in model.parameters()]
+        source = part.runs(mine)
     runs_global = first and (part.keys or adabn) and not part.finetuned
     own = camera.local_evaluate(model, data, cfg) if runs_global else {}  # what it runs
     metrics = camera.local_finetune(model, data, cfg, config,
                                    teacher=camera.teacher_path(context.node_config, cfg))
     if adabn:  # statistics of the weights it now has, not the running averages training left behind
         camera.adapt_bn(model, data, cfg)
+    runs = model
+    if ditto > 0:  # the same budget again, on its own model (Li et al. 2021): twice the local compute
+        runs, teacher = mine, camera.teacher_path(context.node_config, cfg)
+        mine_metrics = camera.local_finetune(mine, data, cfg, config, teacher, anchor=anchor, mu=ditto)
+        metrics.update({f"ditto-{k}": mine_metrics[k] for k in ("loss", "train-seconds", "update-norm")})
     if first and part.finetuned:  # it runs what it just fine-tuned
-        own = camera.local_evaluate(model, data, cfg)
-    part.keep(model)
+        own = camera.local_evaluate(runs, data, cfg)
+    part.keep(model, runs)
     metrics.update({f"global-{k}": v for k, v in before.items()})
     metrics.update({f"own-{k}": v for k, v in own.items()})
     metrics["personal-kept"] = float(source != "global")  # 0: a first round, a late joiner or a reset part

@@ -128,6 +128,7 @@ class FedConfig:
     adabn: bool
     personal: str
     keep_finetuned: bool
+    ditto_lambda: float
     proximal_mu: float
     server_lr: float
     server_momentum: float
@@ -138,7 +139,14 @@ class FedConfig:
     round_timeout: float
     checkpoint_every: int
 
+    @property
+    def runs_own_model(self) -> bool:
+        """Each camera runs a whole model of its own (fed.keep-finetuned or Ditto), not the global one."""
+        return self.keep_finetuned or self.ditto_lambda > 0
+
     def __post_init__(self):
+        if not self.ditto_lambda >= 0:
+            raise ValueError(f"config key 'fed.ditto-lambda': {self.ditto_lambda} is not >= 0")
         if self.personal not in PERSONAL_MODES:
             raise ValueError(f"config key 'fed.personal': '{self.personal}' is not one of "
                              f"{', '.join(PERSONAL_MODES)}")

@@ -49,7 +49,7 @@ class TrainSpec:
 def local_plan(f: FedConfig) -> dict[str, Any]:
     """What the server decides, once, about every camera's local training: the train message carries it."""
     return {"lr": f.local_lr, "local-epochs": f.local_epochs, "local-steps": f.local_steps, "personal": f.personal,
-            "adabn": f.adabn, "keep-finetuned": f.keep_finetuned}
+            "adabn": f.adabn, "keep-finetuned": f.keep_finetuned, "ditto-lambda": f.ditto_lambda}
 
 
 def round_seed(seed: int, rnd: int) -> int:
@@ -129,16 +129,21 @@ def to_float(batch: dict) -> dict:
 
 
 def train(model, loader, spec: TrainSpec, extra_loss: ExtraLoss | None = None,
-          progress: Progress | None = None, aux: torch.nn.Module | None = None) -> TrainResult:
+          progress: Progress | None = None, aux: torch.nn.Module | None = None,
+          anchor: list[torch.Tensor] | None = None) -> TrainResult:
     """Train `model` in place on `loader` (batches from shared.data.dataset.collate).
 
     `aux` holds extra trainable modules of the loss (distillation adapters); they are optimized alongside.
+    With spec.proximal_mu > 0 the loss pulls the parameters toward `anchor` (default: where they start, FedProx;
+    Ditto's personal model is pulled toward the global model instead).
     """
     total = len(loader) * spec.epochs
     total = min(total, spec.max_steps) if spec.max_steps > 0 else total
     opt = make_optimizer(torch.nn.ModuleList([model, aux]) if aux is not None else model, spec)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, spec))
-    anchor = [p.detach().clone() for p in model.parameters()] if spec.proximal_mu > 0 else None
+    if spec.proximal_mu > 0 and anchor is None:
+        anchor = [p.detach().clone() for p in model.parameters()]
+    anchor = anchor if spec.proximal_mu > 0 else None
     result, start = TrainResult(), time.perf_counter()
     set_train_mode(model, spec.freeze_bn)
     if aux is not None:
@@ -154,7 +159,7 @@ def train(model, loader, spec: TrainSpec, extra_loss: ExtraLoss | None = None,
             loss = spec.det_weight * model.loss(batch, preds)[0].sum() / batch["img"].shape[0]
             if extra_loss is not None:
                 loss = loss + extra_loss(batch, preds)
-            if anchor is not None:  # FedProx: stay near the global model
+            if anchor is not None:  # FedProx and Ditto: stay near the global model
                 loss = loss + spec.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at step {result.steps}")

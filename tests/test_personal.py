@@ -140,3 +140,33 @@ def test_evaluate_scores_the_model_the_camera_kept_not_the_one_it_is_sent(traine
         scores[keep] = ev.content["metrics"]["map50"]
     assert scores[True] == pytest.approx(map50)  # the kept (trained) model, on the camera's val split
     assert scores[False] < map50 / 2  # without keep-finetuned it runs what it receives
+
+
+def test_ditto_sends_the_same_update_and_pulls_its_own_model_toward_the_global_one(tiny_cfg, tiny_world,
+                                                                                   tiny_student, tmp_path):
+    """fed.ditto-lambda: what the camera sends is its fine-tune of the global model, exactly as without Ditto;
+    the model it keeps goes on from its own last one, pulled toward the global model the harder the larger lambda."""
+    base = {"data.root": str(tiny_world), "fed.local-lr": 0.01}
+    mine = copy.deepcopy(tiny_student)  # a model of its own from an earlier round, away from the global one
+    with torch.no_grad():
+        for p in mine.parameters():
+            p.add_(0.002 * torch.randn_like(p))
+    sent, distance = {}, {}
+    for lam in (0.0, 1e-3, 20.0):
+        cfg = tiny_cfg.replace(**base, **{"run-dir": str(tmp_path / f"run{lam}"), "fed.ditto-lambda": lam})
+        path = personal_file({"partition-id": 0}, cfg, tiny_student.yaml, "finetuned")
+        if lam:
+            PersonalPart(mine, "none", RecordDict(), tmp_path / "unused.pt", True, path).keep(mine)
+        context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(),
+                          run_config=to_flat(cfg))
+        out = app(train_message(tiny_student, cfg), context)
+        assert not out.has_error(), out.error.reason if out.has_error() else ""
+        sent[lam] = to_state_dict(unpack(out.content["arrays"], layout_of(to_record(tiny_student))))
+        if lam:
+            assert out.content["metrics"]["personal-kept"] == 1.0 and "ditto-loss" in out.content["metrics"]
+            kept = personal.load_part(path)
+            distance[lam] = sum(float(((kept[k] - v.detach()) ** 2).sum()) for k, v in tiny_student.named_parameters())
+    assert all(torch.equal(sent[0.0][k], v) for lam in (1e-3, 20.0) for k, v in sent[lam].items())
+    assert distance[20.0] < 0.5 * distance[1e-3]
+    with pytest.raises(ValueError, match="'fed.ditto-lambda'"):
+        tiny_cfg.replace(**{"fed.ditto-lambda": -1.0})

@@ -72,7 +72,7 @@ class FederatedRun:
 
     def evaluate_config(self) -> ConfigRecord:
         return ConfigRecord({"model-yaml": json.dumps(self.model.yaml), "names": self.names,
-                             "personal": self.cfg.fed.personal, "keep-finetuned": self.cfg.fed.keep_finetuned})
+                             "personal": self.cfg.fed.personal, "keep-finetuned": self.cfg.fed.runs_own_model})
 
     def personal_keys(self) -> list[str]:
         """The keys every camera keeps to itself (fed.personal): its replies leave them out."""

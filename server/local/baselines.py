@@ -77,7 +77,7 @@ def _mean(scores) -> dict[str, Any]:
 def camera_runs_scores(run_dir: Path) -> dict[str, Any]:
     """Mean per-camera val mAP of what each simulated camera runs after a finished run: the last global model
     plus, where the run personalized (fed.personal), that camera's personal part from the run folder, or with
-    fed.keep-finetuned the model it fine-tuned last (and with fed.adabn, BatchNorm statistics of its own frames).
+    fed.keep-finetuned or fed.ditto-lambda the model of its own it kept (and with fed.adabn, BatchNorm statistics of its own frames).
     With held-out cameras (data.held-out) also theirs: the global model as it is, and after AdaBN on their frames."""
     import json
 
@@ -92,16 +92,16 @@ def camera_runs_scores(run_dir: Path) -> dict[str, Any]:
     per = []
     for k in range(cfg.data.cameras):
         net = models.load(latest)
-        if cfg.fed.keep_finetuned:
+        if cfg.fed.runs_own_model:
             kept, keys = personal_file({"partition-id": k}, cfg, net.yaml, "finetuned"), list(net.state_dict())
         else:
             kept, keys = personal_file({"partition-id": k}, cfg, net.yaml, mode), personal.personal_keys(net, mode)
-        if cfg.fed.keep_finetuned or mode != "none":
+        if cfg.fed.runs_own_model or mode != "none":
             part = personal.load_part(kept)
             if part is None:
                 raise FileNotFoundError(f"{run_dir}: camera {k} kept nothing in {kept.name}")
             personal.apply_part(net, part, keys)
-        if cfg.fed.adabn and not cfg.fed.keep_finetuned:  # as the camera does with every model it receives
+        if cfg.fed.adabn and not cfg.fed.runs_own_model:  # as the camera does with every model it receives
             adapt_bn(net, task.camera_yaml(cfg, k), cfg)
         per.append(task.score(net, task.camera_yaml(cfg, k), cfg))
     out = _mean(per)
