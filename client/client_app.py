@@ -1,4 +1,5 @@
-"""Flower ClientApp: thin Message adapters around client.camera (fine-tune and evaluate on this camera's data)."""
+"""Flower ClientApp: thin Message adapters around client.camera (fine-tune, evaluate) and client.calibration (the
+per-camera snapshot exchange: query.personal, query.calibrate, query.score)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import copy
 import time
 
 import psutil
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from shared.env import setup_offline
@@ -87,3 +88,54 @@ def evaluate(msg: Message, context: Context) -> Message:
     personal_part(model, msg.content["config"], context, cfg).runs(model)  # score what this camera runs
     metrics = camera.local_evaluate(model, camera.node_data(context.node_config, cfg), cfg)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query("personal")
+def personal(msg: Message, context: Context) -> Message:
+    """The camera's personal parameters for the snapshot's structure: what it runs, where that differs from it."""
+    from client import calibration, camera
+    from shared.arrays import pack, to_record
+    from shared.config import load_config
+
+    cfg, config = load_config(context.run_config), msg.content["config"]
+    model = camera.global_model(msg.content["arrays"], config)
+    received = {k: v.clone() for k, v in model.state_dict().items()}
+    source = personal_part(model, config, context, cfg).runs(model)  # 'global': none kept for this structure
+    own = calibration.personal_params(model, received) if source != "global" else {}
+    ident = calibration.camera_id(context.node_config, context.node_id)
+    # Packed, in the model's own key order: the server rebuilds the layout from `keys` and its copy of the model.
+    reply = ConfigRecord({"camera-id": ident, "keys": list(own)})
+    return Message(RecordDict({"arrays": pack(to_record(own)) if own else to_record({}), "config": reply}),
+                   reply_to=msg)
+
+
+@app.query("calibrate")
+def calibrate(msg: Message, context: Context) -> Message:
+    """Activation ranges of the sent fp32 graph over this camera's frames, and that graph's score on its val split."""
+    from client import calibration, camera
+    from shared.config import load_config
+    from shared.snapshot.calibration import to_lists
+
+    cfg = load_config(context.run_config)
+    data = camera.node_data(context.node_config, cfg)
+    graph = bytes(msg.content["config"]["onnx"])
+    ranges, frames = calibration.calibrate(graph, data, cfg)
+    fp32 = calibration.onnx_score(graph, data, cfg)
+    ident = calibration.camera_id(context.node_config, context.node_id)
+    stats = ConfigRecord({"camera-id": ident, **to_lists(ranges)})
+    metrics = MetricRecord({"frames": frames, "num-examples": fp32["num-examples"], "map50-fp32": fp32["map50"],
+                            "map-fp32": fp32["map"]})
+    return Message(RecordDict({"calibration": stats, "metrics": metrics}), reply_to=msg)
+
+
+@app.query("score")
+def score(msg: Message, context: Context) -> Message:
+    """The int8 candidate's score on this camera's val split: the figure the server gates it on."""
+    from client import calibration, camera
+    from shared.config import load_config
+
+    cfg = load_config(context.run_config)
+    got = calibration.onnx_score(bytes(msg.content["config"]["onnx"]), camera.node_data(context.node_config, cfg), cfg)
+    ident = calibration.camera_id(context.node_config, context.node_id)
+    metrics = MetricRecord({"num-examples": got["num-examples"], "map50-int8": got["map50"], "map-int8": got["map"]})
+    return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"camera-id": ident})}), reply_to=msg)

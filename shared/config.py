@@ -93,6 +93,8 @@ class SnapshotConfig:
     method: str
     calib_frames: int
     tolerance: float
+    per_camera: bool
+    camera_timeout: float
     dir: str
     key_path: str
 

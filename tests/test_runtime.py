@@ -59,12 +59,15 @@ class RegistryServer:
         return f"http://127.0.0.1:{self.port}"
 
 
-def publish(registry: Registry, model: Path, names: list[str], imgsz: int = 64) -> str:
-    version = registry.next_version()
+def publish(registry: Registry, model: Path, names: list[str], imgsz: int = 64, camera: str | None = None,
+            base: str = "") -> str:
+    """A signed snapshot on the global channel, or on `camera`'s own channel made from global snapshot `base`."""
+    version = registry.next_version(camera)
     m = Manifest(version=version, round=1, target="x86", sha256=sha256_file(model), size=model.stat().st_size,
                  imgsz=imgsz, names=names, map50_fp32=0, map50_int8=0, map_fp32=0, map_int8=0, latency_ms=0,
-                 created=now_iso(), parent_checkpoint="")
-    registry.publish(m, model)
+                 created=now_iso(), parent_checkpoint="",
+                 extra={"camera": camera, "base_snapshot": base} if camera else {})
+    registry.publish(m, model, camera)
     return version
 
 
@@ -153,3 +156,38 @@ def test_agent_swaps_rejects_rolls_back_and_survives_outages(fleet, tiny_cfg):
     # reboot: a fresh agent on the same state folder serves the same snapshot, verified again
     rebooted = Agent(server.url, tmp / "device", key)
     assert rebooted.detect(frame)[1].version == v5
+
+
+def test_agent_follows_its_cameras_channel_and_falls_back_to_the_global_one(fleet, tiny_cfg):
+    registry, server, models, tmp = fleet
+    names, frame = tiny_cfg.data.names, np.zeros((64, 64, 3), np.uint8)
+    key = (registry.root / "server_public_key.pem").read_bytes()
+    agent = Agent(server.url, tmp / "device", key, timeout=5, camera_id="cam00")
+    assert agent.poll_once() == "unchanged"  # nothing published anywhere yet
+    g1 = publish(registry, models[0], names)
+    assert agent.poll_once() == f"updated {g1}"  # no snapshot of its own yet: the global one
+    c1 = publish(registry, models[1], names, camera="cam00", base=g1)
+    assert agent.poll_once() == f"updated cam00@{c1}"
+    assert agent.detect(frame)[1].extra["camera"] == "cam00"
+    publish(registry, models[0], names, camera="cam01", base=g1)  # another camera's channel is not its concern
+    assert agent.poll_once() == "unchanged"
+    g2 = publish(registry, models[0], names)  # the global channel moves past its own snapshot's base
+    assert agent.poll_once() == f"updated {g2}"
+    c2 = publish(registry, models[1], names, camera="cam00", base=g2)
+    model = registry.folder("cam00") / c2 / MODEL_FILE
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))  # tampered on the server: refused, and it keeps running what it runs
+    with pytest.raises(SnapshotError, match="sha256"):
+        agent.poll_once()
+    assert agent.state["current"] == g2 and agent.detect(frame)[1].version == g2
+    # Camera 1's genuine, signed snapshot put on camera 0's channel is refused too: it names its camera.
+    for _ in range(2):
+        c3 = publish(registry, models[1], names, camera="cam01", base=g2)
+    (registry.folder("cam00") / c3).mkdir()
+    for name in ("manifest.json", "manifest.sig", MODEL_FILE):
+        (registry.folder("cam00") / c3 / name).write_bytes((registry.folder("cam01") / c3 / name).read_bytes())
+    (registry.folder("cam00") / "latest.json").write_text((registry.folder("cam01") / "latest.json").read_text())
+    with pytest.raises(SnapshotError, match="signed for camera 'cam01'"):
+        agent.poll_once()
+    assert Agent(server.url, tmp / "device", key, camera_id="cam00").state["current"] == g2  # after a reboot too

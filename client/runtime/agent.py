@@ -1,4 +1,5 @@
-"""Device agent: pull signed snapshots, verify, smoke-test, swap between frames, roll back; state survives reboot."""
+"""Device agent: pull signed snapshots (its camera's channel, else the global one), verify, smoke-test, swap between
+frames, roll back; state survives reboot."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ BAD_FRAMES_BEFORE_ROLLBACK = 3
 
 class Agent:
     def __init__(self, server: str, state_dir: Path | str, public_key_pem: bytes, threads: int = 1,
-                 conf: float = 0.25, timeout: float = 10.0):
+                 conf: float = 0.25, timeout: float = 10.0, camera_id: str | None = None):
         self.server, self.dir, self.timeout = server.rstrip("/"), Path(state_dir), timeout
+        self.camera = camera_id
         self.key = load_public_key(public_key_pem)
         self.threads, self.conf = threads, conf
         (self.dir / "snapshots").mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,10 @@ class Agent:
             raise
 
     def poll_once(self) -> str:
-        """One check for a new snapshot: 'unchanged', 'updated vNNNN', or raises on network/verification errors."""
+        """One check for a new snapshot: 'unchanged', 'updated ID', or raises on network/verification errors.
+        ID is vNNNN for a global snapshot, CAMERA@vNNNN for one of this camera's own."""
+        if self.camera is not None:
+            return self._poll_camera()
         status, body, headers = self._get("/api/snapshots/latest",
                                           {"If-None-Match": self.state["etag"]} if self.state.get("etag") else {})
         if status == 304:
@@ -110,18 +115,45 @@ class Agent:
         self._save_state()
         return f"updated {version}"
 
-    def install(self, version: str) -> None:
+    def _poll_camera(self) -> str:
+        """This camera's newest snapshot, unless the global channel has one made after it (its base is older)."""
+        own, glob = self._latest(f"/api/cameras/{self.camera}/snapshots/latest"), self._latest("/api/snapshots/latest")
+        if own is not None and (glob is None or _number(own.extra.get("base_snapshot", "")) >= _number(glob.version)):
+            version, camera = own.version, self.camera
+        elif glob is not None:
+            version, camera = glob.version, None
+        else:
+            return "unchanged"
+        ident = f"{camera}@{version}" if camera else version
+        if ident == self.state.get("current") or ident in self.state.get("bad", []):
+            return "unchanged"
+        self.install(version, camera)
+        return f"updated {ident}"
+
+    def _latest(self, path: str) -> Manifest | None:
+        try:
+            return Manifest.from_bytes(self._get(path)[1])
+        except urllib.error.HTTPError as err:
+            if err.code == 404:  # nothing published on that channel yet
+                return None
+            raise
+
+    def install(self, version: str, camera: str | None = None) -> None:
         """Download to staging, verify signature and hash, smoke-test, then swap it in; the old one is kept."""
-        staging = self.dir / "staging" / version
+        ident, base = (f"{camera}@{version}", f"/api/cameras/{camera}/snapshots") if camera else (version, "/api/snapshots")
+        staging = self.dir / "staging" / ident
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         for name in (MANIFEST_FILE, SIGNATURE_FILE, MODEL_FILE):
-            _, data, _ = self._get(f"/api/snapshots/{version}/{name}")
+            _, data, _ = self._get(f"{base}/{version}/{name}")
             (staging / name).write_bytes(data)
         try:  # a bad signature or hash may be a truncated download: retried later, not blacklisted
             manifest = verify_dir(staging, self.key)
             if manifest.version != version:
                 raise SnapshotError(f"manifest names {manifest.version}, expected {version}")
+            if manifest.extra.get("camera") != camera:  # signed for another camera (or the global channel)
+                raise SnapshotError(f"snapshot {ident} is signed for camera {manifest.extra.get('camera')!r}, "
+                                    f"not {camera!r}")
         except SnapshotError:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -132,15 +164,15 @@ class Agent:
                 raise SnapshotError(f"output {out.shape} or non-finite")
         except Exception as err:
             shutil.rmtree(staging, ignore_errors=True)
-            self.state["bad"] = sorted(set(self.state.get("bad", [])) | {version})
+            self.state["bad"] = sorted(set(self.state.get("bad", [])) | {ident})
             self._save_state()
-            raise SnapshotError(f"snapshot {version} failed its smoke test: {err}") from err
-        final = self.dir / "snapshots" / version
+            raise SnapshotError(f"snapshot {ident} failed its smoke test: {err}") from err
+        final = self.dir / "snapshots" / ident
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        self.state["previous"], self.state["current"] = self.state.get("current"), version
+        self.state["previous"], self.state["current"] = self.state.get("current"), ident
         self._save_state()
-        self._activate(version)
+        self._activate(ident)
         self._prune_old()
 
     def _prune_old(self) -> None:
@@ -162,3 +194,8 @@ class Agent:
                 log.warning("update check failed: %s (next try in %.0fs)", err, delay)
                 delay = min(max_backoff, delay * 2)
             stop.wait(delay)
+
+
+def _number(version: str) -> int:
+    """vNNNN -> NNNN (-1 for anything else: never newer than a real version)."""
+    return int(version[1:]) if version[:1] == "v" and version[1:].isdigit() else -1

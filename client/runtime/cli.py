@@ -93,7 +93,8 @@ def cmd_detect(args) -> None:
 def cmd_run(args) -> None:
     from client.runtime.agent import Agent
 
-    agent = Agent(args.server, args.state, Path(args.key).read_bytes(), args.threads, args.conf)
+    agent = Agent(args.server, args.state, Path(args.key).read_bytes(), args.threads, args.conf,
+                  camera_id=args.camera_id)
     stop = threading.Event()
     poller = threading.Thread(target=agent.poll_forever, args=(args.poll, stop), daemon=True)
     poller.start()
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     run = sub.choices["run"]
     run.add_argument("--server", required=True, help="registry URL, e.g. http://127.0.0.1:8080")
     run.add_argument("--state", type=Path, default=Path.home() / ".fedcam-device")
+    run.add_argument("--camera-id", default=None,
+                     help="follow this camera's own snapshot channel (falls back to the global one when that is newer)")
     run.add_argument("--key", required=True, help="the server's public key (PEM), pinned at install time")
     run.add_argument("--poll", type=float, default=30.0, help="seconds between update checks")
     run.add_argument("--loop", action="store_true", help="replay the source forever (files)")

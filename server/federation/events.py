@@ -12,6 +12,13 @@ from typing import Any, Protocol
 log = logging.getLogger("fedcam.server")
 
 
+def client_error(reason: str, limit: int = 600) -> str:
+    """A ClientApp's error as a person needs it: the exception's own message, not the engine's traceback around it
+    (Flower's Simulation Engine wraps it in a Ray traceback and appends it after "Message: ")."""
+    text = reason.rsplit("Message: ", 1)[-1].strip().removesuffix("'>").strip() if "Message: " in reason else reason
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 @dataclass
 class ClientOutcome:
     node_id: int
@@ -22,7 +29,7 @@ class ClientOutcome:
 
 @dataclass
 class Event:
-    kind: str  # run_start | round_start | train_result | round_end | run_end | run_error
+    kind: str  # run_start | round_start | train_result | round_end | snapshot | camera_snapshot | run_end | run_error
     round: int = 0
     time: float = field(default_factory=time.time)
     data: dict[str, Any] = field(default_factory=dict)

@@ -52,7 +52,8 @@ class FederatedRun:
         self.names = [self.model.names[i] for i in sorted(self.model.names)]
         from server.snapshots.pipeline import SnapshotHook  # after the event log: a snapshot of round N follows its round_end
 
-        self.bus.add(SnapshotHook(cfg, self.model, self.bus))
+        self.snapshots = SnapshotHook(cfg, self.model, self.bus)
+        self.bus.add(self.snapshots)
 
     def _initial_model(self):
         ckpt = self.cfg.model.student_checkpoint

@@ -35,5 +35,17 @@ def main(grid: Grid, context: Context) -> None:
         run.bus.emit("run_error", run.done, error=f"{type(err).__name__}: {err}")
         raise
     final = result.evaluate_metrics_serverapp
+    if cfg.snapshot.enabled and cfg.snapshot.per_camera:
+        per_camera(grid, cfg, run)
     run.bus.emit("run_end", cfg.fed.rounds, central={r: dict(m) for r, m in final.items()})
+
+
+def per_camera(grid: Grid, cfg, run: FederatedRun) -> None:
+    """After the rounds: each connected camera's own snapshot of the newest published global one."""
+    from server.snapshots.cameras import camera_snapshots
+
+    if run.snapshots.last is None:
+        log.warning("no global snapshot was published in this run: no per-camera snapshots either")
+        return
+    camera_snapshots(grid, cfg, run.snapshots.last, run.snapshots.registry, run.bus)
 

@@ -1,4 +1,4 @@
-"""SQLite store of a run (runs, rounds, per-client results, snapshots), fed by the same round events as the log."""
+"""SQLite store of a run (runs, rounds, per-client results, snapshots, per-camera snapshots), fed by the same round events as the log."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ CREATE TABLE IF NOT EXISTS clients (round INTEGER, node_id TEXT, ok INTEGER, rea
     global_map50 REAL, camera_map50 REAL, PRIMARY KEY (round, node_id));
 CREATE TABLE IF NOT EXISTS snapshots (version TEXT PRIMARY KEY, round INTEGER, published INTEGER, reason TEXT,
     map50_fp32 REAL, map50_int8 REAL, size INTEGER, latency_ms REAL, int8_convs INTEGER, time REAL);
+CREATE TABLE IF NOT EXISTS camera_snapshots (camera TEXT, node_id TEXT, base TEXT, version TEXT, published INTEGER,
+    reason TEXT, map50_fp32 REAL, map50_int8 REAL, reply_bytes INTEGER, server_seconds REAL, round INTEGER,
+    time REAL, PRIMARY KEY (node_id, base));
 """
 
 
@@ -65,6 +68,11 @@ class RunStore:
                 db.execute("INSERT OR REPLACE INTO snapshots VALUES (?,?,?,?,?,?,?,?,?,?)",
                            (d["version"], r, int(d["published"]), d.get("reason", ""), d.get("map50_fp32"),
                             d.get("map50_int8"), d.get("size"), d.get("latency_ms"), d.get("int8_convs"), t))
+            elif event.kind == "camera_snapshot":
+                db.execute("INSERT OR REPLACE INTO camera_snapshots VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                           (d.get("camera", ""), str(d["node"]), d.get("base", ""), d.get("version", ""),
+                            int(d["published"]), d.get("reason", ""), d.get("map50_fp32"), d.get("map50_int8"),
+                            d.get("reply_bytes"), d.get("server_seconds"), r, t))
 
     @staticmethod
     def _train(db, r, t, d) -> None:

@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum)
 
-from server.federation.events import ClientOutcome, EventBus
+from server.federation.events import ClientOutcome, EventBus, client_error
 from shared.arrays import UpdateError, check_compatible, is_packed, layout_of, pack, to_state_dict, unpack
 from shared.config import FedConfig
 from shared.train import round_seed
@@ -97,7 +97,7 @@ class FedcamMixin:
             if node not in self._sampled:
                 node = sent_to.get(msg.metadata.reply_to_message_id, node)
             if msg.has_error():
-                outcomes.append(ClientOutcome(node, False, f"client error: {msg.error.reason}"))
+                outcomes.append(ClientOutcome(node, False, f"client error: {client_error(msg.error.reason)}"))
                 continue
             metrics = {k: float(v) for r in msg.content.metric_records.values() for k, v in r.items()
                        if isinstance(v, (int, float))}

@@ -6,14 +6,15 @@ import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quant_pre_process, quantize_dynamic, quantize_static)
+from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_dynamic,
+                                      quantize_static)
+
+from shared.snapshot.calibration import FrameReader, Ranges
 
 OPSET = 17  # TorchScript exporter: the dynamo exporter at 17 produces graphs onnxruntime rejects
 INT8_CONV_OPS = {"QLinearConv", "ConvInteger", "NhwcQLinearConv"}
@@ -89,30 +90,23 @@ def float_nodes(onnx_path: Path, first_layers: int = 0) -> list[str]:
     return [n for n in convs if keep_float.search(n)] + decode + early
 
 
-class FrameReader(CalibrationDataReader):
-    """Feeds calibration frames (letterboxed RGB uint8, N x 3 x S x S) one at a time."""
-
-    def __init__(self, frames: np.ndarray, input_name: str = "images"):
-        self.frames, self.name = frames, input_name
-        self.iter: Iterator | None = None
-
-    def get_next(self):
-        if self.iter is None:
-            self.iter = iter(self.frames)
-        frame = next(self.iter, None)
-        return None if frame is None else {self.name: frame[None].astype(np.float32) / 255.0}
-
-    def rewind(self):
-        self.iter = None
+def pre_process(fp32: Path, out: Path) -> Path:
+    """onnxruntime's pre-quantization pass (shape inference, fusions): the graph whose tensors are calibrated."""
+    quant_pre_process(str(fp32), str(out), skip_symbolic_shape=True)
+    return out
 
 
 def quantize(fp32: Path, out: Path, frames: np.ndarray, target: str = "x86", method: str = "static",
-             float_layers: int = 0) -> Path:
-    """int8 QDQ (static, calibrated on `frames`) or dynamic quantization; `float_layers` first layers stay float."""
+             float_layers: int = 0, ranges: Ranges | None = None, pre: Path | None = None) -> Path:
+    """int8 QDQ (static, calibrated on `frames`) or dynamic quantization; `float_layers` first layers stay float.
+
+    `ranges`: activation ranges computed elsewhere (a camera's, shared.snapshot.calibration) on `pre`, the
+    pre-processed `fp32` it was sent; they replace every range `frames` would give (bit for bit the model
+    quantize_static calibrates on the camera's own frames, test), so one frame of any kind is enough here."""
     if target not in TARGETS:
         raise ValueError(f"unknown target '{target}' ({', '.join(TARGETS)})")
-    pre = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    own_pre = pre is None
+    pre = pre_process(fp32, out.with_suffix(".pre.onnx")) if own_pre else pre
     excluded = float_nodes(pre, float_layers)
     try:
         if method == "dynamic":  # for comparison only: slow for conv nets (activations quantized at run time)
@@ -120,14 +114,20 @@ def quantize(fp32: Path, out: Path, frames: np.ndarray, target: str = "x86", met
                              nodes_to_exclude=excluded)
         else:
             act, weight = TARGETS[target]
+            extra = {"ActivationSymmetric": target == "arm64"}
+            if ranges is not None:
+                extra["TensorQuantOverrides"] = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                                 for name, (lo, hi) in ranges.items()}
+                frames = frames[:1]
             # Every op type, not just Conv: SiLU, Concat and Add then run as QLinear* ops between the int8 convs
             # instead of dequantize/float/quantize round trips (measured 6.8 vs 8.1 ms at 1 thread, same mAP).
             quantize_static(str(pre), str(out), FrameReader(frames), quant_format=QuantFormat.QDQ,
                             activation_type=act, weight_type=weight, per_channel=True, op_types_to_quantize=None,
                             nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"ActivationSymmetric": target == "arm64"})
+                            extra_options=extra)
     finally:
-        pre.unlink(missing_ok=True)
+        if own_pre:
+            pre.unlink(missing_ok=True)
     src = onnx.load(str(fp32))  # carry the metadata over: quantization drops it
     q = onnx.load(str(out))
     del q.metadata_props[:]

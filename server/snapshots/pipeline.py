@@ -42,6 +42,7 @@ class SnapshotResult:
     float_convs: int
     params_dense: int  # of the architecture before any pruning
     params_pruned: int  # of the snapshot
+    student: object = None  # the fp32 model the snapshot was quantized from (its structure is every camera's)
 
 
 def registry_for(cfg: Config) -> Registry:
@@ -109,7 +110,7 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
     if published and failed:  # what the dashboard shows next to "published"
         reason = f"fell back to unpruned; {reason}"
     return SnapshotResult(manifest, published, reason, cand.graph.int8_convs, cand.graph.float_convs,
-                          params_unpruned, cand.params)
+                          params_unpruned, cand.params, cand.model)
 
 
 def unpruned_params(model) -> int:
@@ -124,6 +125,7 @@ class Candidate:
     path: Path
     graph: GraphReport
     params: int
+    model: object  # the fp32 student it was quantized from
 
 
 def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None, progress: Progress | None = None):
@@ -154,7 +156,7 @@ def _candidate(dense, ratio: float, cfg: Config, frames: np.ndarray, work: Path,
     work.mkdir(parents=True, exist_ok=True)
     fp32 = export_onnx(model, work / "fp32.onnx", cfg.data.imgsz, metadata)
     int8 = quantize(fp32, work / "model.onnx", frames, s.target, s.method, s.float_layers)
-    return Candidate(int8, inspect_optimized(int8, work), count_params(model))
+    return Candidate(int8, inspect_optimized(int8, work), count_params(model), model)
 
 
 class SnapshotHook:
@@ -163,6 +165,7 @@ class SnapshotHook:
     def __init__(self, cfg: Config, model, bus):
         self.cfg, self.model, self.bus = cfg, model, bus
         self.registry = registry_for(cfg)
+        self.last: SnapshotResult | None = None  # the newest published one: the base of per-camera snapshots
 
     def __call__(self, event, arrays=None) -> None:
         if not self.cfg.snapshot.enabled or event.kind != "round_end" or arrays is None or event.round == 0:
@@ -177,6 +180,8 @@ class SnapshotHook:
         result = make_snapshot(dense, self.cfg, event.round, event.data.get("checkpoint", ""), self.registry,
                                self._progress(event.round))
         m = result.manifest
+        if result.published:
+            self.last = result
         self.bus.emit("snapshot", event.round, version=m.version, published=result.published, reason=result.reason,
                       map50_fp32=m.map50_fp32, map50_int8=m.map50_int8, size=m.size, latency_ms=m.latency_ms,
                       int8_convs=result.int8_convs, float_convs=result.float_convs)

@@ -1,9 +1,13 @@
-"""Snapshot registry: immutable signed snapshot folders, an atomic `latest` pointer, and a SQLite index."""
+"""Snapshot registry: immutable signed snapshot folders, an atomic `latest` pointer per channel, a SQLite index.
+
+Channels: the global one (`ROOT/vNNNN/`) and one per camera (`ROOT/cameras/<camera-id>/vNNNN/`), each with its
+own `latest.json` and version numbers."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -19,7 +23,20 @@ CREATE TABLE IF NOT EXISTS snapshots (
     status TEXT NOT NULL, reason TEXT, sha256 TEXT, size INTEGER, map50_fp32 REAL, map50_int8 REAL,
     map_fp32 REAL, map_int8 REAL, latency_ms REAL, created TEXT, parent_checkpoint TEXT, extra TEXT
 )"""
-LATEST, PUBLIC_KEY = "latest.json", "server_public_key.pem"
+# Per-camera channels in a table of their own: a registry written before them keeps its table as it is.
+CAMERA_SCHEMA = SCHEMA.replace("snapshots (", "camera_snapshots (camera TEXT NOT NULL, ").replace(
+    "version TEXT UNIQUE", "version TEXT").replace("extra TEXT\n)", "extra TEXT,\n    UNIQUE (camera, version)\n)")
+COLUMNS = ("version, round, target, status, reason, sha256, size, map50_fp32, map50_int8, map_fp32, map_int8,"
+           " latency_ms, created, parent_checkpoint, extra")
+LATEST, PUBLIC_KEY, CAMERAS = "latest.json", "server_public_key.pem", "cameras"
+CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_camera_id(camera: str) -> str:
+    """A camera id is a folder name and a URL segment: letters, digits, '_', '.', '-' (no path tricks)."""
+    if not CAMERA_ID.match(camera) or ".." in camera:
+        raise ValueError(f"camera id {camera!r} is not a valid name (letters, digits, _ . -; at most 64)")
+    return camera
 
 
 class Registry:
@@ -34,57 +51,76 @@ class Registry:
             (self.root / PUBLIC_KEY).write_bytes(public_pem(self.key))
         with closing(self._db()) as db, db:
             db.execute(SCHEMA)
+            db.execute(CAMERA_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.root / "registry.sqlite", timeout=30)
         db.row_factory = sqlite3.Row
         return db
 
-    def next_version(self) -> str:
+    def folder(self, camera: str | None = None) -> Path:
+        """The channel's folder: the registry root (global) or cameras/<camera-id>/."""
+        return self.root if camera is None else self.root / CAMERAS / check_camera_id(camera)
+
+    def next_version(self, camera: str | None = None) -> str:
         with closing(self._db()) as db:
-            (n,) = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM snapshots").fetchone()
+            if camera is None:
+                (n,) = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM snapshots").fetchone()
+            else:
+                (n,) = db.execute("SELECT COUNT(*) + 1 FROM camera_snapshots WHERE camera = ?", (camera,)).fetchone()
         return f"v{n:04d}"
 
-    def publish(self, manifest: Manifest, model: Path) -> Path:
-        """Write snapshots/<version>/ once (never overwritten), then move the `latest` pointer to it."""
+    def publish(self, manifest: Manifest, model: Path, camera: str | None = None) -> Path:
+        """Write <channel>/<version>/ once (never overwritten), then move the channel's `latest` pointer to it."""
         if self.key is None:
             raise PermissionError("this registry was opened read-only (no signing key)")
-        folder = self.root / manifest.version
+        root = self.folder(camera)
+        root.mkdir(parents=True, exist_ok=True)
+        folder = root / manifest.version
         if folder.exists():
             raise FileExistsError(f"snapshot {manifest.version} already exists; snapshots are immutable")
-        tmp = self.root / f".tmp-{manifest.version}-{os.getpid()}"
+        tmp = root / f".tmp-{manifest.version}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         shutil.copyfile(model, tmp / MODEL_FILE)
         (tmp / MANIFEST_FILE).write_bytes(manifest.to_bytes())
         (tmp / SIGNATURE_FILE).write_bytes(sign(manifest, self.key))
         tmp.rename(folder)  # atomic: a reader sees the whole folder or none
-        self._record(manifest, "published", "")
+        self._record(manifest, "published", "", camera)
         pointer = {"version": manifest.version, "sha256": manifest.sha256, "round": manifest.round}
-        tmp_ptr = self.root / f".{LATEST}.tmp"
+        tmp_ptr = root / f".{LATEST}.tmp"
         tmp_ptr.write_text(json.dumps(pointer))
-        os.replace(tmp_ptr, self.root / LATEST)
+        os.replace(tmp_ptr, root / LATEST)
         return folder
 
-    def reject(self, manifest: Manifest, reason: str) -> None:
+    def reject(self, manifest: Manifest, reason: str, camera: str | None = None) -> None:
         """A gate failure is recorded with its figures; nothing is published."""
-        self._record(manifest, "rejected", reason)
+        self._record(manifest, "rejected", reason, camera)
 
-    def _record(self, m: Manifest, status: str, reason: str) -> None:
+    def _record(self, m: Manifest, status: str, reason: str, camera: str | None = None) -> None:
+        values = (m.version, m.round, m.target, status, reason, m.sha256, m.size, m.map50_fp32, m.map50_int8,
+                  m.map_fp32, m.map_int8, m.latency_ms, m.created, m.parent_checkpoint, json.dumps(m.extra))
         with closing(self._db()) as db, db:
-            db.execute("INSERT INTO snapshots (version, round, target, status, reason, sha256, size, map50_fp32,"
-                       " map50_int8, map_fp32, map_int8, latency_ms, created, parent_checkpoint, extra)"
-                       " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                       (m.version, m.round, m.target, status, reason, m.sha256, m.size, m.map50_fp32,
-                        m.map50_int8, m.map_fp32, m.map_int8, m.latency_ms, m.created, m.parent_checkpoint,
-                        json.dumps(m.extra)))
+            if camera is None:
+                db.execute(f"INSERT INTO snapshots ({COLUMNS}) VALUES ({','.join('?' * 15)})", values)
+            else:
+                db.execute(f"INSERT INTO camera_snapshots (camera, {COLUMNS}) VALUES ({','.join('?' * 16)})",
+                           (camera, *values))
 
-    def rows(self) -> list[dict]:
+    def rows(self, camera: str | None = None) -> list[dict]:
         with closing(self._db()) as db:
-            return [dict(r) for r in db.execute("SELECT * FROM snapshots ORDER BY seq")]
+            if camera is None:
+                return [dict(r) for r in db.execute("SELECT * FROM snapshots ORDER BY seq")]
+            return [dict(r) for r in db.execute("SELECT * FROM camera_snapshots WHERE camera = ? ORDER BY seq",
+                                                (camera,))]
 
-    def latest(self) -> dict | None:
-        p = self.root / LATEST
+    def camera_rows(self) -> list[dict]:
+        """Every camera channel's snapshots, oldest first."""
+        with closing(self._db()) as db:
+            return [dict(r) for r in db.execute("SELECT * FROM camera_snapshots ORDER BY seq")]
+
+    def latest(self, camera: str | None = None) -> dict | None:
+        p = self.folder(camera) / LATEST
         return json.loads(p.read_text()) if p.exists() else None
 
 

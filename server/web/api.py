@@ -1,4 +1,4 @@
-"""The server's HTTP app (FastAPI): the read-only snapshot registry that devices pull from."""
+"""The server's HTTP app (FastAPI): the read-only snapshot registry (global and per-camera channels) devices pull."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse
 
-from server.snapshots.registry import PUBLIC_KEY, Registry
+from server.snapshots.registry import CAMERA_ID, PUBLIC_KEY, Registry
 from shared.snapshot.format import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE
 
 FILES = {MODEL_FILE: "application/octet-stream", MANIFEST_FILE: "application/json",
@@ -30,27 +30,51 @@ def create_app(registry_root: Path | str, run_dir: Path | str | None = None) -> 
     def list_snapshots() -> list[dict]:
         return registry.rows()
 
-    @app.get("/api/snapshots/latest")
-    def latest(request: Request) -> Response:
-        """The newest published manifest; ETag = version + sha256, so a device's poll costs a 304 when nothing changed."""
-        pointer = registry.latest()
+    def latest_of(request: Request, camera: str | None) -> Response:
+        pointer = registry.latest(camera)
         if pointer is None:
-            raise HTTPException(404, "no snapshot published yet")
-        etag = f'"{pointer["version"]}-{pointer["sha256"][:16]}"'
+            raise HTTPException(404, "no snapshot published yet" + (f" for camera {camera}" if camera else ""))
+        etag = f'"{camera + "-" if camera else ""}{pointer["version"]}-{pointer["sha256"][:16]}"'
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"ETag": etag})
-        body = (registry.root / pointer["version"] / MANIFEST_FILE).read_bytes()
+        body = (registry.folder(camera) / pointer["version"] / MANIFEST_FILE).read_bytes()
         return Response(body, media_type="application/json", headers={"ETag": etag, "Cache-Control": "no-cache"})
 
-    @app.get("/api/snapshots/{version}/{name}")
-    def snapshot_file(version: str, name: str) -> FileResponse:
+    def file_of(camera: str | None, version: str, name: str) -> FileResponse:
         if not VERSION.match(version) or name not in FILES:  # no path tricks: only known names
             raise HTTPException(404, "no such snapshot file")
-        path = registry.root / version / name
+        path = registry.folder(camera) / version / name
         if not path.is_file():
             raise HTTPException(404, f"snapshot {version} has no {name}")
         # Snapshot folders are immutable, so a file's ETag never changes.
         return FileResponse(path, media_type=FILES[name], headers={"Cache-Control": "public, max-age=31536000, immutable"})
+
+    def camera_id(camera: str) -> str:
+        if not CAMERA_ID.match(camera) or ".." in camera:
+            raise HTTPException(404, "no such camera")
+        return camera
+
+    @app.get("/api/snapshots/latest")
+    def latest(request: Request) -> Response:
+        """The newest published manifest; ETag = version + sha256, so a device's poll costs a 304 when nothing changed."""
+        return latest_of(request, None)
+
+    @app.get("/api/snapshots/{version}/{name}")
+    def snapshot_file(version: str, name: str) -> FileResponse:
+        return file_of(None, version, name)
+
+    @app.get("/api/camera-snapshots")
+    def camera_snapshots() -> list[dict]:
+        """Every per-camera snapshot (published or rejected), oldest first."""
+        return registry.camera_rows()
+
+    @app.get("/api/cameras/{camera}/snapshots/latest")
+    def camera_latest(camera: str, request: Request) -> Response:
+        return latest_of(request, camera_id(camera))
+
+    @app.get("/api/cameras/{camera}/snapshots/{version}/{name}")
+    def camera_file(camera: str, version: str, name: str) -> FileResponse:
+        return file_of(camera_id(camera), version, name)
 
     @app.get("/api/public-key")
     def public_key() -> Response:

@@ -77,3 +77,7 @@ def add_dashboard(app: FastAPI, run_dir: Path | str) -> None:
     @app.get("/api/run-snapshots")
     def run_snapshots() -> list[dict]:
         return rows("SELECT * FROM snapshots ORDER BY time")
+
+    @app.get("/api/run-camera-snapshots")
+    def run_camera_snapshots() -> list[dict]:
+        return rows("SELECT * FROM camera_snapshots ORDER BY time, camera")

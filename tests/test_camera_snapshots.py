@@ -1,0 +1,164 @@
+"""Per-camera snapshots: calibration statistics from a camera's frames, the exchange's replies, and a real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from client import calibration
+from client.camera import personal_file
+from conftest import sim_cfg
+from client.client_app import app
+from server.snapshots.export import export_onnx, pre_process, quantize
+from shared import personal
+from shared.arrays import layout_of, pack, to_record, to_state_dict, unpack
+from shared.config import to_flat
+from shared.snapshot.calibration import CalibrationError, activation_ranges, from_lists, to_lists
+from shared.train import local_plan
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages take their run id from the process's task identity, as inside a running app."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def initializers(path: Path) -> dict[str, np.ndarray]:
+    return {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def graph_of(model, tmp: Path) -> tuple[Path, Path]:
+    fp32 = export_onnx(model, tmp / "fp32.onnx", 64, {})
+    return fp32, pre_process(fp32, tmp / "fp32.pre.onnx")
+
+
+def test_a_cameras_ranges_give_the_model_calibrated_on_its_own_frames(tiny_cfg, tiny_world, tiny_student, tmp_path):
+    cfg = tiny_cfg.replace(**{"data.root": str(tiny_world)})
+    fp32, pre = graph_of(tiny_student, tmp_path)
+    cam = calibration.frames(tiny_world / "cam01" / "data.yaml", cfg, 8)
+    base = calibration.frames(tiny_world / "base" / "data.yaml", cfg, 8)
+    ranges = activation_ranges(pre, cam)
+    on_camera = quantize(fp32, tmp_path / "cam.onnx", cam, pre=pre)  # what calibrating on the camera would give
+    from_stats = quantize(fp32, tmp_path / "stats.onnx", base, ranges=ranges, pre=pre)  # the server, frameless
+    on_base = quantize(fp32, tmp_path / "base.onnx", base, pre=pre)
+    a, b, c = initializers(on_camera), initializers(from_stats), initializers(on_base)
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # bit for bit
+    assert any(not np.array_equal(a[k], c[k]) for k in a)  # and the camera's frames did matter
+    lists = to_lists(ranges)
+    assert from_lists(lists["tensors"], lists["low"], lists["high"], set(ranges), "camera x") == ranges
+    with pytest.raises(CalibrationError, match="camera x.*missing"):
+        from_lists(lists["tensors"][1:], lists["low"][1:], lists["high"][1:], set(ranges), "camera x")
+    with pytest.raises(CalibrationError, match="camera x: tensor .* unusable"):
+        from_lists(lists["tensors"], [float("nan")] + lists["low"][1:], lists["high"], set(ranges), "camera x")
+
+
+def query(kind: str, content: RecordDict) -> Message:
+    return Message(content, dst_node_id=5, message_type=kind)
+
+
+def test_the_exchange_replies_carry_only_statistics_personal_tensors_and_figures(tiny_cfg, tiny_world, tiny_student,
+                                                                                 tmp_path):
+    cfg = tiny_cfg.replace(**{"data.root": str(tiny_world), "run-dir": str(tmp_path / "run"), "fed.personal": "bn",
+                              "fed.freeze-bn": False, "fed.local-lr": 0.01})
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 1}, state=RecordDict(),
+                      run_config=to_flat(cfg))
+    names = [tiny_student.names[i] for i in sorted(tiny_student.names)]
+    config = ConfigRecord({"model-yaml": json.dumps(tiny_student.yaml), "names": names, **local_plan(cfg.fed),
+                           "seed": 1})
+    trained = app(query("train", RecordDict({"arrays": pack(to_record(tiny_student)), "config": config})), context)
+    assert not trained.has_error(), trained.error.reason if trained.has_error() else ""
+
+    # 1. Its personal part for the snapshot's structure: the BatchNorm tensors it kept, nothing else.
+    ask = ConfigRecord({"model-yaml": json.dumps(tiny_student.yaml), "names": names, "personal": "bn",
+                        "keep-finetuned": False})
+    out = app(query("query.personal", RecordDict({"arrays": pack(to_record(tiny_student)), "config": ask})), context)
+    assert not out.has_error(), out.error.reason if out.has_error() else ""
+    keys = list(out.content["config"]["keys"])
+    assert set(out.content["config"].keys()) == {"camera-id", "keys"} and out.content["config"]["camera-id"] == "cam01"
+    assert keys and set(keys) <= set(personal.personal_keys(tiny_student, "bn"))
+    layout = [item for item in layout_of(to_record(tiny_student)) if item[0] in set(keys)]
+    own = to_state_dict(unpack(out.content["arrays"], layout))  # exactly those tensors: nothing else fits
+    kept = personal.load_part(personal_file(context.node_config, cfg, tiny_student.yaml, "bn"))
+    assert all(torch.equal(own[k], kept[k]) for k in keys)
+
+    # 2. Calibration: named ranges of exactly the tensors the quantizer calibrates, and a score; no arrays.
+    fp32, pre = graph_of(tiny_student, tmp_path)
+    out = app(query("query.calibrate", RecordDict({"config": ConfigRecord({"onnx": pre.read_bytes()})})), context)
+    assert not out.has_error(), out.error.reason if out.has_error() else ""
+    assert set(out.content.keys()) == {"calibration", "metrics"} and not out.content.array_records
+    stats = out.content["calibration"]
+    assert set(stats.keys()) == {"camera-id", "tensors", "low", "high"}
+    expected = set(activation_ranges(pre, calibration.frames(tiny_world / "base" / "data.yaml", cfg, 1)))
+    ranges = from_lists(stats["tensors"], stats["low"], stats["high"], expected, "camera cam01")
+    assert set(out.content["metrics"].keys()) == {"frames", "num-examples", "map50-fp32", "map-fp32"}
+    assert out.content["metrics"]["frames"] == min(cfg.snapshot.calib_frames, 16)  # its 8 pool + 8 of its train frames
+
+    # 3. The int8 candidate the server makes from them, scored on the camera's val split.
+    int8 = quantize(fp32, tmp_path / "int8.onnx", calibration.frames(tiny_world / "base" / "data.yaml", cfg, 1),
+                    ranges=ranges, pre=pre)
+    out = app(query("query.score", RecordDict({"config": ConfigRecord({"onnx": int8.read_bytes()})})), context)
+    assert not out.has_error(), out.error.reason if out.has_error() else ""
+    assert set(out.content["metrics"].keys()) == {"num-examples", "map50-int8", "map-int8"}
+    assert 0.0 <= out.content["metrics"]["map50-int8"] <= 1.0
+
+
+@pytest.fixture(scope="session")
+def camera_run(tmp_path_factory, tiny_cfg):
+    """A 2-camera, 1-round simulation with per-camera snapshots (fed.personal bn); camera 1's unlabelled pool has
+    corrupt frames only, so it trains as usual and only its part of the exchange fails."""
+    from server.local import simulation
+    from server.local.world import ensure_world
+
+    root = tmp_path_factory.mktemp("camera_run")
+    world = root / "world"  # a world of its own (a copy's data.yaml files would still point at the shared one)
+    ensure_world(tiny_cfg.replace(**{"data.root": str(world)}))
+    bad = world / "cam01" / "images" / "pool"
+    for frame in bad.iterdir():  # one bad frame is skipped and reported; with none usable the camera must fail
+        frame.write_bytes(b"not a jpeg")
+    cfg = sim_cfg(tiny_cfg, world, root / "run", **{"fed.rounds": 1, "fed.personal": "bn", "fed.freeze-bn": False,
+                                                    "snapshot.per-camera": True, "snapshot.prune-ratio": 0.0,
+                                                    "snapshot.tolerance": 1.0})
+    code = simulation.launch(cfg, 2, timeout=400)
+    return cfg, code, bad
+
+
+def test_each_camera_gets_its_own_snapshot_and_a_failing_one_keeps_the_global(camera_run, tmp_path):
+    from client.runtime.agent import Agent  # noqa: F401  (the device runtime: no torch, no Flower)
+    from server.federation.events import read_events
+    from server.snapshots.registry import Registry
+    from shared.run_dir import RunDir
+    from shared.snapshot.format import load_public_key, verify_dir
+    from shared.snapshot.inference import Detector
+
+    cfg, code, bad = camera_run
+    run = RunDir(cfg.run_dir)
+    assert code == 0, run.log.read_text()[-3000:]
+    events = {e["data"]["camera"]: e["data"] for e in read_events(run.events) if e["kind"] == "camera_snapshot"}
+    assert set(events) == {"cam00", "cam01"}
+    ok, failed = events["cam00"], events["cam01"]
+    assert ok["published"] and ok["version"] == "v0001" and ok["base"] == "v0001" and ok["personal_tensors"] > 0
+    assert not failed["published"] and str(bad) in failed["reason"], failed  # the culprit is named
+    registry = Registry(Path(cfg.run_dir) / "snapshots")
+    assert registry.latest("cam00")["version"] == "v0001" and registry.latest("cam01") is None
+    assert registry.latest()["version"] == "v0001"  # the global channel is untouched
+    folder = registry.folder("cam00") / "v0001"
+    key = load_public_key((registry.root / "server_public_key.pem").read_bytes())
+    manifest = verify_dir(folder, key)
+    assert manifest.extra["camera"] == "cam00" and manifest.extra["base_snapshot"] == "v0001"
+    assert manifest.extra["calibration"]["source"] == "camera cam00" and manifest.extra["int8_convs"] > 0
+    (out,) = Detector(folder / "model.onnx", manifest.imgsz).raw(np.zeros((1, 3, 64, 64), np.uint8))
+    assert out.shape[0] == 4 + len(manifest.names) and np.isfinite(out).all()
+    # A camera's snapshot is its own: different weights (its BatchNorm) and ranges than the global one.
+    assert manifest.sha256 != json.loads((registry.root / "v0001" / "manifest.json").read_text())["sha256"]
+    assert [r["camera"] for r in registry.camera_rows()] == ["cam00"]
