@@ -59,13 +59,13 @@ def _ask(grid, cameras: list[Camera], kind: str, content: dict[int, RecordDict],
 
 
 def _fold(student, own: dict[str, torch.Tensor], camera: str):
-    """The global structure with the camera's personal tensors in it; anything that does not fit is refused."""
-    model, state = copy.deepcopy(student), student.state_dict()
-    for k, v in own.items():
-        if k not in state or state[k].shape != v.shape or not torch.isfinite(v.float()).all():
-            raise ValueError(f"camera {camera}: personal tensor {k} does not fit the snapshot's structure or is "
-                             "not finite")
-    model.load_state_dict({**state, **own})
+    """The global structure with the camera's personal tensors in it (their names and shapes were checked when
+    they were unpacked); a non-finite one is refused."""
+    bad = [k for k, v in own.items() if not torch.isfinite(v.float()).all()]
+    if bad:
+        raise ValueError(f"camera {camera}: personal tensor {bad[0]} is not finite")
+    model = copy.deepcopy(student)
+    model.load_state_dict({**student.state_dict(), **own})
     return model
 
 
@@ -81,7 +81,7 @@ def camera_snapshots(grid, cfg: Config, base: SnapshotResult, registry: Registry
     """Every connected camera's own snapshot of the newest global one (`base`); returns each camera's outcome."""
     s, b, timeout = cfg.snapshot, base.manifest, cfg.snapshot.camera_timeout
     cameras = [Camera(node) for node in sorted(grid.get_node_ids())]
-    student, frame = base.student, calibration_frames(cfg)[:1]  # any one frame: the cameras' ranges replace its
+    student, frame = base.student, calibration_frames(cfg, 1)  # any one frame: the cameras' ranges replace its
     names = [student.names[i] for i in sorted(student.names)]
     if cfg.fed.personal != "none" or cfg.fed.runs_own_model:  # ask for the personal parts first
         config = ConfigRecord({"model-yaml": json.dumps(student.yaml), "names": names, "personal": cfg.fed.personal,
@@ -92,8 +92,8 @@ def camera_snapshots(grid, cfg: Config, base: SnapshotResult, registry: Registry
             cam = next(c for c in cameras if c.node == node)
             keys = set(reply.content["config"].get("keys", []))
             try:  # exactly the named tensors, each of the size the structure gives it (UpdateError otherwise)
-                if keys - {k for k, _, _ in layout}:
-                    raise UpdateError(f"unknown tensors {sorted(keys - {k for k, _, _ in layout})[:3]}")
+                if unknown := keys - {k for k, _, _ in layout}:
+                    raise UpdateError(f"unknown tensors {sorted(unknown)[:3]}")
                 if keys:
                     own = unpack(reply.content["arrays"], [item for item in layout if item[0] in keys])
                     cam.own = dict(to_state_dict(own))
@@ -101,14 +101,14 @@ def camera_snapshots(grid, cfg: Config, base: SnapshotResult, registry: Registry
                 cam.reason = f"camera {cam.camera}: unusable personal part: {err}"
             cam.reply_bytes += sum(v.numel() * v.element_size() for v in cam.own.values())
     with tempfile.TemporaryDirectory() as tmp:
-        graphs, content, models = {}, {}, {}
+        graphs, content = {}, {}  # one graph for every camera without a personal part, one per camera with one
         for c in (c for c in cameras if not c.reason):
             t0, key = time.perf_counter(), (c.node if c.own else "global")
             try:
-                models[c.node] = _fold(student, c.own, c.camera) if c.own else student
                 if key not in graphs:
+                    model = _fold(student, c.own, c.camera) if c.own else student
                     meta = {"snapshot_version": b.version, "round": str(b.round), "camera": c.camera if c.own else ""}
-                    graphs[key] = _graph(models[c.node], Path(tmp) / str(key), cfg, meta, frame)
+                    graphs[key] = _graph(model, Path(tmp) / str(key), cfg, meta, frame)
             except ValueError as err:
                 c.reason = str(err)
                 continue

@@ -50,9 +50,9 @@ def registry_for(cfg: Config) -> Registry:
     return Registry(RunDir(cfg.run_dir).registry(s.dir), s.key_path or STATE_DIR / "server_ed25519.pem")
 
 
-def calibration_frames(cfg: Config) -> np.ndarray:
-    """Real frames of the server's own data, letterboxed exactly as inference will see them."""
-    loader = task.make_loader(task.base_yaml(cfg), "train", cfg, False, batch=cfg.snapshot.calib_frames)
+def calibration_frames(cfg: Config, count: int | None = None) -> np.ndarray:
+    """Real frames of the server's own data (default: snapshot.calib-frames), letterboxed as inference sees them."""
+    loader = task.make_loader(task.base_yaml(cfg), "train", cfg, False, batch=count or cfg.snapshot.calib_frames)
     return next(iter(loader))["img"].numpy()
 
 

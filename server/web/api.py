@@ -8,7 +8,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse
 
-from server.snapshots.registry import CAMERA_ID, PUBLIC_KEY, Registry
+from server.snapshots.registry import PUBLIC_KEY, Registry, check_camera_id
 from shared.snapshot.format import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE
 
 FILES = {MODEL_FILE: "application/octet-stream", MANIFEST_FILE: "application/json",
@@ -50,9 +50,10 @@ def create_app(registry_root: Path | str, run_dir: Path | str | None = None) -> 
         return FileResponse(path, media_type=FILES[name], headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
     def camera_id(camera: str) -> str:
-        if not CAMERA_ID.match(camera) or ".." in camera:
-            raise HTTPException(404, "no such camera")
-        return camera
+        try:
+            return check_camera_id(camera)
+        except ValueError:  # not a name a channel can have: no path tricks
+            raise HTTPException(404, "no such camera") from None
 
     @app.get("/api/snapshots/latest")
     def latest(request: Request) -> Response:
