@@ -3,6 +3,7 @@ per-camera snapshot exchange: query.personal, query.calibrate, query.score)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 
@@ -27,22 +28,39 @@ def personal_part(model, config, context: Context, cfg):
     return camera.PersonalPart(model, mode, context.state, path, finetuned, kept)
 
 
+class Stages:
+    """Seconds per stage of one message (setup, evaluation, fine-tuning, reply), reported with the metrics: where a
+    simulated round's time goes outside training (simulations/bench_scale.py)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    started = time.time()
-    from client import camera  # torch/Ultralytics load on first message, not at import
-    from shared.arrays import is_packed, pack
-    from shared.config import load_config
-
-    imported = time.time()
-    cfg = load_config(context.run_config)
-    config = msg.content["config"]
-    model = camera.global_model(msg.content["arrays"], config)
-    data = camera.node_data(context.node_config, cfg)
-    part = personal_part(model, config, context, cfg)
+    started, stage = time.time(), Stages()
+    with stage("import"):
+        from client import camera  # torch/Ultralytics load on first message, not at import
+        from shared.arrays import is_packed, pack
+        from shared.config import load_config
+    with stage("setup"):  # run config, the global model rebuilt from its yaml, the camera's data and personal part
+        cfg = load_config(context.run_config)
+        config = msg.content["config"]
+        model = camera.global_model(msg.content["arrays"], config)
+        data = camera.node_data(context.node_config, cfg)
+        part = personal_part(model, config, context, cfg)
     # The received global model's score on this camera: Flower's evaluate stage without a second message.
     first = bool(config.get("evaluate-first", False))
-    before = camera.local_evaluate(model, data, cfg) if first else {}
+    with stage("eval"):
+        before = camera.local_evaluate(model, data, cfg) if first else {}
     source = part.restore(model)
     adabn = bool(config.get("adabn", False))
     if adabn:
@@ -52,29 +70,36 @@ def train(msg: Message, context: Context) -> Message:
         mine, anchor = copy.deepcopy(model), [p.detach().clone() for p in model.parameters()]
         source = part.runs(mine)
     runs_global = first and (part.keys or adabn) and not part.finetuned
-    own = camera.local_evaluate(model, data, cfg) if runs_global else {}  # what it runs
-    metrics = camera.local_finetune(model, data, cfg, config,
-                                   teacher=camera.teacher_path(context.node_config, cfg))
+    with stage("eval"):
+        own = camera.local_evaluate(model, data, cfg) if runs_global else {}  # what it runs
+    with stage("finetune"):
+        metrics = camera.local_finetune(model, data, cfg, config,
+                                       teacher=camera.teacher_path(context.node_config, cfg))
     if adabn:  # statistics of the weights it now has, not the running averages training left behind
         camera.adapt_bn(model, data, cfg)
     runs = model
     if ditto > 0:  # the same budget again, on its own model (Li et al. 2021): twice the local compute
         runs, teacher = mine, camera.teacher_path(context.node_config, cfg)
-        mine_metrics = camera.local_finetune(mine, data, cfg, config, teacher, anchor=anchor, mu=ditto)
+        with stage("finetune"):
+            mine_metrics = camera.local_finetune(mine, data, cfg, config, teacher, anchor=anchor, mu=ditto)
         metrics.update({f"ditto-{k}": mine_metrics[k] for k in ("loss", "train-seconds", "update-norm")})
     if first and part.finetuned:  # it runs what it just fine-tuned
-        own = camera.local_evaluate(runs, data, cfg)
-    part.keep(model, runs)
+        with stage("eval"):
+            own = camera.local_evaluate(runs, data, cfg)
+    with stage("reply"):
+        part.keep(model, runs)
+        reply = part.shared(model)  # the personal part never leaves the camera
+        reply = pack(reply) if is_packed(msg.content["arrays"]) else reply  # answer in the format it came in
     metrics.update({f"global-{k}": v for k, v in before.items()})
     metrics.update({f"own-{k}": v for k, v in own.items()})
     metrics["personal-kept"] = float(source != "global")  # 0: a first round, a late joiner or a reset part
+    if "partition-id" in context.node_config:  # which simulated camera this was (a benchmark redoes its work)
+        metrics["partition"] = int(context.node_config["partition-id"])
+    metrics.update({f"{k}-seconds": v for k, v in stage.seconds.items()})
     metrics["seconds"] = time.time() - started
-    # Where a message's time goes outside training: the process' age when the message arrived (a fresh
-    # ClientApp process per message under a SuperNode; a long-lived worker in simulation) and the task imports.
+    # The process' age when the message arrived: a fresh ClientApp process per message under a SuperNode, a
+    # long-lived worker in simulation.
     metrics["process-age"] = started - psutil.Process().create_time()
-    metrics["import-seconds"] = imported - started
-    reply = part.shared(model)  # the personal part never leaves the camera
-    reply = pack(reply) if is_packed(msg.content["arrays"]) else reply  # answer in the format it came in
     return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -140,6 +140,8 @@ class FedConfig:
     max_update_norm: float
     round_timeout: float
     checkpoint_every: int
+    central_every: int
+    central_cameras: int
 
     @property
     def runs_own_model(self) -> bool:

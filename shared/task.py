@@ -54,8 +54,11 @@ def names_of(data_yaml: Path | str | list) -> list[str]:
 
 
 def camera_yaml(cfg: Config, k: int) -> Path:
-    """data.yaml of camera k in the generated world (simulation partitions map to cameras)."""
-    return Path(cfg.data.root) / f"cam{k:02d}" / "data.yaml"
+    """data.yaml of camera k in the generated world (simulation partitions map to cameras), generated on first use."""
+    from shared.data.world import ensure_camera
+
+    path = Path(cfg.data.root) / f"cam{k:02d}" / "data.yaml"
+    return path if path.exists() else ensure_camera(Path(cfg.data.root), k)
 
 
 def base_yaml(cfg: Config) -> Path:
@@ -85,9 +88,18 @@ def score(model, data_yaml: Path | str | list, cfg: Config, split: str = "val",
     return evaluate(TorchPredictor(model, nms_settings(cfg)), loader, names_of(data_yaml), progress)
 
 
+def eval_cameras(cfg: Config) -> list[int]:
+    """The cameras whose val split the server scores (fed.central-cameras): all, or that many spread evenly, so a
+    256-camera simulation neither scores nor generates 256 cameras' frames for every central evaluation."""
+    n, m = cfg.data.cameras, cfg.fed.central_cameras
+    if m <= 0 or m >= n:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / max(m - 1, 1)) for i in range(m)})
+
+
 def score_cameras(model, cfg: Config, cameras: list[int] | None = None) -> dict[str, float]:
     """Central evaluation on held-out camera data: pooled val mAP, and the mean of per-camera val mAPs."""
-    cams = cameras if cameras is not None else list(range(cfg.data.cameras))
+    cams = cameras if cameras is not None else eval_cameras(cfg)
     yamls = [camera_yaml(cfg, k) for k in cams]
     pooled = score(model, yamls, cfg)
     per = [score(model, y, cfg) for y in yamls]

@@ -14,7 +14,7 @@ from shared.env import setup_offline
 setup_offline()  # the offline variables, before any library reads them
 from server.federation.events import read_events
 from server.local.warmstart import ensure_teacher
-from server.local.world import ensure_world
+from shared.data.world import ensure_world
 from shared import models, task
 from shared.run_dir import RunDir
 from shared.config import load_config

@@ -9,7 +9,7 @@ import time
 from shared.env import setup_offline
 
 setup_offline()  # the offline variables, before any library reads them
-from server.local.world import ensure_world
+from shared.data.world import ensure_world
 from shared import models, task
 from shared.config import load_config
 from shared.train import TrainSpec

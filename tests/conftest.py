@@ -10,7 +10,7 @@ import pytest
 from shared.env import setup_offline
 
 setup_offline()  # the offline variables, before any library reads them
-from server.local.world import ensure_world
+from shared.data.world import ensure_world
 from shared.config import load_config
 
 TINY = {
@@ -28,10 +28,10 @@ def tiny_cfg():
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory, tiny_cfg) -> Path:
-    from server.local.world import ensure_world
+    from shared.data.world import ensure_world
 
     out = tmp_path_factory.mktemp("world")
-    ensure_world(tiny_cfg.replace(**{"data.root": str(out)}))
+    ensure_world(tiny_cfg.replace(**{"data.root": str(out)}), lazy=False)  # tests open camera folders by path
     return out
 
 

@@ -118,11 +118,11 @@ def camera_run(tmp_path_factory, tiny_cfg):
     """A 2-camera, 1-round simulation with per-camera snapshots (fed.personal bn); camera 1's unlabelled pool has
     corrupt frames only, so it trains as usual and only its part of the exchange fails."""
     from server.local import simulation
-    from server.local.world import ensure_world
+    from shared.data.world import ensure_world
 
     root = tmp_path_factory.mktemp("camera_run")
     world = root / "world"  # a world of its own (a copy's data.yaml files would still point at the shared one)
-    ensure_world(tiny_cfg.replace(**{"data.root": str(world)}))
+    ensure_world(tiny_cfg.replace(**{"data.root": str(world)}), lazy=False)
     bad = world / "cam01" / "images" / "pool"
     for frame in bad.iterdir():  # one bad frame is skipped and reported; with none usable the camera must fail
         frame.write_bytes(b"not a jpeg")

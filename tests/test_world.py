@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from server.local.world import make_world
+from shared.data.world import WorldError, ensure_camera, make_world
 
 NAMES = ["person", "car", "bicycle"]
 TINY = {"imgsz": 64, "base_train": 6, "base_val": 3, "camera_train": 5, "camera_val": 3, "camera_pool": 2}
@@ -145,3 +145,48 @@ def test_extra_class_gets_generic_shape(tmp_path):
 def test_rejects_bad_names(tmp_path):
     with pytest.raises(ValueError):
         make_world(tmp_path, ["car", "car"], 1, 0, imgsz=64)
+
+
+def test_lazy_cameras_are_the_same_pixels(tmp_path):
+    eager = _make(tmp_path / "eager", seed=2, cameras=3)
+    lazy = _make(tmp_path / "lazy", seed=2, cameras=3, lazy=True)
+    assert lazy == eager and sorted(p.name for p in (tmp_path / "lazy").iterdir()) == ["base", "world.json"]
+    assert ensure_camera(tmp_path / "lazy", 2) == (tmp_path / "lazy" / "cam02" / "data.yaml").resolve()
+    assert sorted(p.name for p in (tmp_path / "lazy").iterdir()) == ["base", "cam02", "world.json"]  # only that one
+    for k in (0, 1):
+        ensure_camera(tmp_path / "lazy", k)
+    assert _labels(tmp_path / "lazy") == _labels(tmp_path / "eager")
+    ia, ib = _images(tmp_path / "lazy"), _images(tmp_path / "eager")
+    assert ia.keys() == ib.keys() and all(np.array_equal(ia[k], ib[k]) for k in ia)
+    data = yaml.safe_load((tmp_path / "lazy" / "cam01" / "data.yaml").read_text())
+    assert Path(data["path"]) == (tmp_path / "lazy" / "cam01").resolve()
+    assert not list((tmp_path / "lazy").glob(".tmp-*"))
+
+
+def test_lazy_camera_errors_name_the_world(tmp_path):
+    _make(tmp_path, cameras=2, lazy=True)
+    with pytest.raises(WorldError, match="camera 5 is not in the world"):
+        ensure_camera(tmp_path, 5)
+    with pytest.raises(WorldError, match="no world.json"):
+        ensure_camera(tmp_path / "nowhere", 0)
+    (tmp_path / "cam01").mkdir()  # a stray folder where the camera would go is never overwritten
+    (tmp_path / "cam01" / "notes.txt").write_text("mine")
+    with pytest.raises(WorldError, match="has no data.yaml"):
+        ensure_camera(tmp_path, 1)
+    assert [p.name for p in (tmp_path / "cam01").iterdir()] == ["notes.txt"] and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_lazy_camera_race_keeps_one_copy(tmp_path):
+    """Several simulation workers asking for the same camera at once: one folder, whole, and the same pixels."""
+    import multiprocessing as mp
+
+    _make(tmp_path, cameras=1, lazy=True)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=ensure_camera, args=(tmp_path, 0)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(list((tmp_path / "cam00" / "images" / "train").glob("*.jpg"))) == TINY["camera_train"]
+    assert not list(tmp_path.glob(".tmp-*"))

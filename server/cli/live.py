@@ -21,7 +21,7 @@ def rounds_table(events: list[dict]) -> Table:
         loss = t.get("metrics", {}).get("loss")
         table.add_row(str(e["round"]), str(len(clients)), str(t.get("accepted", "-")),
                       str(sum(not x["ok"] for x in clients)), f"{loss:.3f}" if loss is not None else "-",
-                      f"{c.get('map50', 0):.3f}", f"{c.get('map', 0):.3f}", f"{t.get('seconds', 0):.1f}")
+                      *(f"{c[k]:.3f}" if k in c else "-" for k in ("map50", "map")), f"{t.get('seconds', 0):.1f}")
     return table
 
 

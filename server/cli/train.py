@@ -18,12 +18,12 @@ def data_make(out: Path = typer.Option(..., help="Output folder (e.g. data/world
               cameras: Optional[int] = typer.Option(None, help="Number of camera domains."),
               seed: Optional[int] = typer.Option(None), sets: Optional[list[str]] = SetOpt):
     """Generate the procedural camera world: a labelled base domain and N camera domains."""
-    from server.local.world import ensure_world
+    from shared.data.world import ensure_world
 
     cfg = config_from(sets, **{"data.cameras": cameras, "seed": seed, "data.root": str(out)})
     with progress_bar() as bar:
         job = bar.add_task("generating", total=None, info="")
-        world = ensure_world(cfg, progress=lambda i, n: bar.update(job, completed=i, total=n))
+        world = ensure_world(cfg, progress=lambda i, n: bar.update(job, completed=i, total=n), lazy=False)
     console.print(f"world with {cfg.data.cameras} cameras in [bold]{out}[/] (seed {world['seed']})")
 
 

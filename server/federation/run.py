@@ -85,14 +85,16 @@ class FederatedRun:
         """Flower's evaluate_fn: score the global model on held-out camera val data, then close the round."""
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            rnd = server_round + self.done
-            started = time.time()
+            rnd, f = server_round + self.done, self.cfg.fed
+            started, last = time.time(), rnd == f.rounds
             self.model.load_state_dict(to_state_dict(arrays))
-            metrics = task.score_cameras(self.model, self.cfg)
+            # Scoring every round is the server's biggest cost at many cameras: fed.central-every thins it out.
+            scored = server_round == 0 or last or (f.central_every > 0 and rnd % f.central_every == 0)
+            metrics = task.score_cameras(self.model, self.cfg) if scored else {}
             if server_round == 0 and self.done:  # resumed: round `done` was already evaluated and saved
                 return MetricRecord(metrics)
             saved = ""
-            if server_round > 0:
+            if server_round > 0 and (last or rnd % max(f.checkpoint_every, 1) == 0):
                 saved = str(self.checkpoints.save(rnd, arrays, strategy.state_arrays(),
                                                   RoundsDone(rnd, self.cfg.fed.rounds, self.cfg.fed.strategy),
                                                   self.model.yaml, self.names))

@@ -116,7 +116,7 @@ def prepare(cfg: Config, console=None, progress_for: ProgressFor | None = None) 
     on labels alone; model.student-prune > 0 prunes it before the rounds. A given model.student-checkpoint is
     used as it is.
     """
-    from server.local.world import ensure_world
+    from shared.data.world import ensure_world
 
     say = console.print if console else print
     prog = progress_for or (lambda _name: None)

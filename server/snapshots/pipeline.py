@@ -75,7 +75,7 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
     s, imgsz, names = cfg.snapshot, cfg.data.imgsz, [dense.names[i] for i in sorted(dense.names)]
     say = progress or (lambda stage, done, total: None)
     say("scoring the fp32 student", 0, 1)
-    held_out = [task.camera_yaml(cfg, k) for k in range(cfg.data.cameras)]
+    held_out = [task.camera_yaml(cfg, k) for k in task.eval_cameras(cfg)]
     loader, settings = (lambda: task.make_loader(held_out, "val", cfg, False)), task.nms_settings(cfg)
     ref = evaluate(TorchPredictor(dense, settings), loader(), names)
     version, failed, frames = registry.next_version(), [], calibration_frames(cfg)

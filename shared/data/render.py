@@ -1,23 +1,12 @@
-"""Deterministic procedural camera worlds: labelled base domain plus per-camera domains, in Ultralytics YOLO layout."""
+"""Procedural camera frames: sprites, scenes, camera looks and one rendered frame with its labels."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import zlib
-from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
-import yaml
 
-from shared.config import Config
-
-# Bump whenever generated pixels or labels change, so an old world.json no longer counts as "same parameters".
-# RNG entropy is always [seed, purpose tag, ...] with a fixed length per tag: SeedSequence ignores trailing zeros.
-VERSION = 1
 LOOKS = {  # gain, haze, sensor noise (of 255), blur sigma, gamma, BGR colour cast
     "day": (1.0, 0.0, 1.5, 1.5, 1.0, (1, 1, 1)), "dusk": (0.7, 0.05, 4, 1.0, 1.15, (0.7, 0.85, 1.15)),
     "night": (0.45, 0.0, 7, 1.5, 1.25, (1.2, 0.95, 0.8)), "indoor": (0.9, 0.0, 3, 1.0, 1.0, (0.95, 1.12, 0.9)),
@@ -166,7 +155,7 @@ def _prop(rng, kind, h):
     return sp.finish(rng, amp=0.2)
 
 
-def _scene(rng, size, domain):
+def scene(rng, size, domain):
     """Background (uint8), horizon row fraction, props standing in front of objects, and the light map."""
     kind, (y, x) = domain["scene"], np.mgrid[0:size, 0:size].astype(np.float32) / size
     horizon = {"doorway": rng.uniform(0.5, 0.62), "abstract": 0.0}.get(kind, rng.uniform(0.25, 0.5))
@@ -207,16 +196,16 @@ def _scene(rng, size, domain):
     return img, horizon, fg, lmap
 
 
-def _camera(seed, index, names):
-    rng, shared = np.random.default_rng([seed, 2, index]), np.random.default_rng([seed, 3])  # see RNG note at the top
+def camera_domain(seed, index, names):
+    rng, shared = np.random.default_rng([seed, 2, index]), np.random.default_rng([seed, 3])  # RNG: world.py
     perm, off = shared.permutation(len(names)), shared.integers(0, 30, 2)  # first nc cameras favour distinct classes
     dominant = names[int(perm[index % len(names)])]
     light, view = list(LOOKS)[(index + off[0]) % 6], list(VIEWS)[(index + off[1]) % 3]
     mix = rng.dirichlet(np.ones(len(names))) * 0.35 + 0.65 * (np.arange(len(names)) == names.index(dominant))
     gain, haze, noise, blur, gamma, cast = LOOKS[light]
     rounded = lambda v: round(float(v), 4)  # noqa: E731 - stored rounded and used rounded, so world.json is exact
-    scene = str(rng.choice(SCENES.get(dominant, ("street", "plaza", "park", "parking"))))
-    return {"name": f"cam{index:02d}", "scene": scene, "light": light, "view": view, "dominant": dominant,
+    place = str(rng.choice(SCENES.get(dominant, ("street", "plaza", "park", "parking"))))
+    return {"name": f"cam{index:02d}", "scene": place, "light": light, "view": view, "dominant": dominant,
             "mix": [rounded(p) for p in mix], "haze": haze, "gamma": gamma,
             "gain": rounded(gain * rng.uniform(0.9, 1.1)), "cast": [rounded(c * rng.uniform(0.97, 1.03)) for c in cast],
             "noise": rounded(noise * rng.uniform(0.8, 1.3)), "blur": rounded(blur * rng.uniform(0.3, 1.0)),
@@ -224,7 +213,7 @@ def _camera(seed, index, names):
             "lamps": int(rng.integers(1, 4)) if light == "night" else 0, "vignette": rounded(rng.uniform(0.2, 0.9))}
 
 
-def _frame(rng, size, names, domain, scene):
+def frame(rng, size, names, domain, backdrop):
     """One image and its label text; `domain` None means the base domain, where everything is drawn afresh per image."""
     if domain is None:  # base: a fresh daylight scene, balanced classes, and a random scale range per image
         lo = np.exp(rng.uniform(np.log(0.08), np.log(0.4)))
@@ -232,8 +221,8 @@ def _frame(rng, size, names, domain, scene):
                "gain": rng.uniform(0.85, 1.15), "cast": rng.uniform(0.96, 1.04, 3), "lamps": 0, "vignette": 0.0,
                "gamma": 1.0, "haze": 0.0, "blur": rng.uniform(0, 0.8), "noise": rng.uniform(0.5, 3), "objects": (1, 6),
                "mix": [1] * len(names), "scale": (lo, min(0.8, lo * rng.uniform(1.5, 3)))}
-        scene = _scene(rng, size, domain)
-    (_, horizon, fg, lmap), img, objs, owner = scene, scene[0].copy(), [], np.zeros((size, size), np.int16)
+        backdrop = scene(rng, size, domain)
+    (_, horizon, fg, lmap), img, objs, owner = backdrop, backdrop[0].copy(), [], np.zeros((size, size), np.int16)
     for _ in range(int(rng.integers(domain["objects"][0], domain["objects"][1] + 1))):
         cls, t = int(rng.choice(len(names), p=np.array(domain["mix"]) / sum(domain["mix"]))), rng.uniform(0, 1)
         # Perspective: objects standing lower in the frame are nearer, so bigger, within the mounting'size range.
@@ -260,72 +249,3 @@ def _frame(rng, size, names, domain, scene):
     f += rng.standard_normal(f.shape, dtype=np.float32) * (domain["noise"] / 255)
     return np.clip(f * 255 + 0.5, 0, 255).astype(np.uint8), "".join(lines)
 
-
-def _holds(old: dict, head: dict) -> bool:
-    """Whether an existing world (its world.json) holds the one `head` asks for: the same world, or the same with
-    more cameras (camera k is drawn from (seed, k) alone, so its first cameras are the ones asked for)."""
-    have, want = old.get("counts", {}), head["counts"]
-    same_rest = all(old.get(k) == v for k, v in head.items() if k != "counts")
-    return same_rest and {**have, "cameras": want["cameras"]} == want and have.get("cameras", -1) >= want["cameras"]
-
-
-def make_world(out: Path, names: list[str], cameras: int, seed: int, imgsz: int = 320,
-               base_train: int = 400, base_val: int = 100, camera_train: int = 80, camera_val: int = 40,
-               camera_pool: int = 120, shift: bool = True, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Generate (or reuse) the world under `out`; returns the world.json dict.
-
-    shift=False gives near-IID cameras: every camera draws its frames like the base domain does.
-    """
-    names, out = [str(n) for n in names], Path(out).resolve()
-    if not names or len(set(names)) != len(names) or cameras < 0 or imgsz < 32 or seed < 0:
-        raise ValueError("need unique non-empty names, cameras >= 0, imgsz >= 32, seed >= 0")
-    counts = {"cameras": cameras, "base_train": base_train, "base_val": base_val, "camera_train": camera_train,
-              "camera_val": camera_val, "camera_pool": camera_pool}
-    head = {"version": VERSION, "seed": seed, "names": names, "imgsz": imgsz, "counts": counts, "shift": shift}
-    old = json.loads((out / "world.json").read_text()) if (out / "world.json").exists() else {}
-    if _holds(old, head):  # reuse rather than delete cameras another run (or a benchmark) is still reading
-        return old
-    world = {**head, "cameras": [_camera(seed, k, names) for k in range(cameras)]}
-    plan = [("base", None, {"train": base_train, "val": base_val})] + [
-        (d["name"], d if shift else None, {"train": camera_train, "val": camera_val, "pool": camera_pool})
-        for d in world["cameras"]]
-    total, done = sum(sum(splits.values()) for _, _, splits in plan), 0
-    tmp = out / f".tmp-world-{os.getpid()}"  # inside `out`: same filesystem, so the renames below are atomic
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for did, (name, dom, splits) in enumerate(plan):
-            root = tmp / name
-            data = {"path": str(out / name), "train": "images/train", "val": "images/val"}  # the final place, not tmp
-            data.update({"pool": "images/pool"} if "pool" in splits else {}, nc=len(names), names=dict(enumerate(names)))
-            # A camera's scene (background, fixed props, light map) is drawn once: every frame shares it.
-            scene = _scene(np.random.default_rng([seed, 4, did]), imgsz, dom) if dom else None
-            for sid, (split, count) in enumerate(splits.items()):
-                for sub in ("images", "labels") if split != "pool" else ("images",):  # the pool is unlabelled by design
-                    (root / sub / split).mkdir(parents=True)
-                for i in range(count):
-                    img, text = _frame(np.random.default_rng([seed, 1, did, sid, i]), imgsz, names, dom, scene)
-                    stem, done = f"{name}_{split}_{i:05d}", done + 1
-                    cv2.imwrite(str(root / "images" / split / f"{stem}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
-                    if split != "pool":
-                        (root / "labels" / split / f"{stem}.txt").write_text(text)
-                    if progress:
-                        progress(done, total)
-            (root / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-        (tmp / "world.json").write_text(json.dumps(world, indent=1))
-        (out / "world.json").unlink(missing_ok=True)  # until world.json moves in, the world reads as incomplete
-        for old_dir in [out / "base", *out.glob("cam[0-9]*")]:
-            shutil.rmtree(old_dir, ignore_errors=True)
-        for new in sorted(tmp.iterdir(), key=lambda p: p.name == "world.json"):  # world.json last: it marks completion
-            new.replace(out / new.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return json.loads((out / "world.json").read_text())
-
-
-def ensure_world(cfg: Config, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Generate the configured camera world (training cameras, then held-out ones) under data.root unless it is
-    already there."""
-    d = cfg.data
-    return make_world(Path(d.root), d.names, d.cameras + d.held_out, cfg.seed, imgsz=d.imgsz, base_train=d.base_train,
-                      base_val=d.base_val, camera_train=d.camera_train, camera_val=d.camera_val,
-                      camera_pool=d.camera_pool, shift=d.shift, progress=progress)

@@ -1,0 +1,183 @@
+"""Simulation at scale: where a simulated round's time goes against the same work done directly (interleaved), and
+seconds per round, peak RSS and world generation at 4 to 256 cameras with a fixed number sampled per round."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from shared.env import setup_offline
+
+setup_offline()  # the offline variables, before any library reads them
+from server.federation.events import read_events
+from shared import models, task
+from shared.config import load_config
+from shared.cpu_isa import isa_summary
+from shared.data.world import ensure_camera, ensure_world
+from shared.run_dir import RunDir
+from shared.train import local_plan, round_seed
+
+
+def scenario(out: Path, cameras: int, sampled: int, rounds: int, imgsz: int) -> dict:
+    """Cameras of the default size (80 labelled train and 40 val frames; no unlabelled pool, no teacher) in a lazy
+    world, a quickly base-trained student, `sampled` cameras per round, central evaluation on 8 cameras after round
+    0 and the last round only, no snapshot: the rounds themselves are measured."""
+    return {"data.root": str(out / "world"), "data.cameras": cameras, "data.imgsz": imgsz, "data.base-train": 64,
+            "data.base-val": 16, "data.camera-pool": 0,
+            "model.start": "base", "train.epochs": 2, "fed.rounds": rounds, "fed.fraction-train": sampled / cameras,
+            "fed.min-nodes": min(2, cameras), "fed.central-cameras": 8, "fed.central-every": rounds,
+            "snapshot.enabled": False}
+
+
+def peak_memory_while(fn) -> tuple[float, float]:
+    """Run fn(); every 0.5 s sum the PSS of this process tree (Ray's GCS, raylet and workers included); return
+    (seconds, peak GiB). PSS, not RSS: the processes share torch's libraries and Ray's object store, which a sum of
+    RSS would count once per process."""
+    peak, stop, me = 0.0, threading.Event(), psutil.Process()
+
+    def sample():
+        nonlocal peak
+        while not stop.wait(0.5):
+            total = 0
+            for p in [me] + me.children(recursive=True):
+                try:
+                    total += p.memory_full_info().pss
+                except psutil.Error:
+                    pass
+            peak = max(peak, total / 2**30)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    try:
+        fn()
+    finally:
+        stop.set()
+        thread.join()
+    return time.perf_counter() - t0, peak
+
+
+def simulate(flat: dict, run_dir: Path) -> tuple[float, float]:
+    sets = [a for k, v in flat.items() for a in ("--set", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "server.cli", "simulate", "--run-dir", str(run_dir), "--dashboard-port", "0",
+           "--timeout", "3600", *sets]
+    return peak_memory_while(lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL))
+
+
+def rounds_of(run_dir: Path) -> tuple[list[dict], dict[int, float]]:
+    """Per-round events: client metrics of each train_result, and each round_end's time."""
+    ev = read_events(RunDir(run_dir).events)
+    return ev, {e["round"]: e["time"] for e in ev if e["kind"] == "round_end"}
+
+
+def direct(flat: dict, events: list[dict]) -> dict[str, float]:
+    """The simulation's compute, done here: each sampled camera's evaluation and fine-tune of the global model (same
+    plan, seed, threads, data), and the server's central evaluations, without Flower or Ray."""
+    from client.camera import local_evaluate, local_finetune
+
+    cfg = load_config({**flat, "model.student-checkpoint": next(e for e in events if e["kind"] == "run_start")
+                       ["data"]["config"]["model.student-checkpoint"]})
+    task.set_threads(cfg.train.threads)
+    start, got = models.load(cfg.model.student_checkpoint), {"eval": 0.0, "finetune": 0.0, "central": 0.0,
+                                                              "central-0": 0.0}
+    scored = [e["round"] for e in events if e["kind"] == "round_end" and e["data"].get("central")]
+    for e in (e for e in events if e["kind"] in ("train_result", "round_end")):
+        if e["kind"] == "round_end":
+            if e["round"] in scored:
+                t0 = time.perf_counter()
+                task.score_cameras(start, cfg)
+                got["central" if e["round"] else "central-0"] += time.perf_counter() - t0
+            continue
+        for c in e["data"]["clients"]:
+            net, data = models.load(cfg.model.student_checkpoint), task.camera_yaml(cfg, int(c["metrics"]["partition"]))
+            t0 = time.perf_counter()
+            local_evaluate(net, data, cfg)
+            t1 = time.perf_counter()
+            local_finetune(net, data, cfg, {**local_plan(cfg.fed), "seed": round_seed(cfg.seed, e["round"])})
+            got["eval"] += t1 - t0
+            got["finetune"] += time.perf_counter() - t1
+    return got
+
+
+def profile(name: str, run_dir: Path, wall: float, here: dict[str, float]) -> dict[str, float]:
+    """One simulated run split into stages, next to the same compute done directly."""
+    ev, ends = rounds_of(run_dir)
+    clients = [c["metrics"] for e in ev if e["kind"] == "train_result" for c in e["data"]["clients"]]
+    total = lambda key: sum(m.get(key, 0.0) for m in clients)  # noqa: E731
+    start = next(e["time"] for e in ev if e["kind"] == "run_start")
+    rows = {"whole run (process start to exit)": wall,
+            "Ray, actors, round-0 evaluation (run_start to round 0 end)": ends[0] - start,
+            "rounds (round 0 end to last round end)": ends[max(ends)] - ends[0],
+            "client: imports": total("import-seconds"), "client: setup (config, model rebuild, data)":
+            total("setup-seconds"), "client: evaluation": total("eval-seconds"),
+            "client: fine-tune": total("finetune-seconds"), "client: reply (personal part, packing)":
+            total("reply-seconds"),
+            "server: central evaluation": sum(e["data"].get("eval_seconds", 0.0) for e in ev if e["kind"] == "round_end"),
+            "direct: evaluation": here["eval"], "direct: fine-tune": here["finetune"],
+            "direct: central evaluation, round 0": here["central-0"],
+            "direct: central evaluation, later rounds": here["central"]}
+    rounds = rows["rounds (round 0 end to last round end)"]
+    compute = here["eval"] + here["finetune"] + here["central"]  # what the rounds after round 0 did
+    rows["direct compute of the rounds"] = compute
+    print(f"\n{name}: where the time goes (s)")
+    for k, v in rows.items():
+        print(f"  {k:<60}{v:>8.1f}")
+    whole = wall / (compute + here["central-0"])
+    print(f"  -> simulation / direct: rounds {rounds / compute:.2f}x, whole run (with Ray start) {whole:.2f}x")
+    return {"rounds": rounds / compute, "whole": whole}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="runs/bench_scale")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--sampled", type=int, default=8)
+    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--overhead", default="4,32", help="camera counts measured against direct compute")
+    ap.add_argument("--scale", default="4,32,128,256", help="camera counts of the scale table")
+    args = ap.parse_args()
+    print(f"instruction sets: {isa_summary()}", flush=True)
+    out = Path(args.out).resolve()
+    biggest = max(int(n) for n in (args.scale + "," + args.overhead).split(",") if n)
+    # World generation: world.json and the base domain up front, then one camera on first use (lazy).
+    cfg = load_config(scenario(out, biggest, args.sampled, args.rounds, args.imgsz))
+    t0 = time.perf_counter()
+    ensure_world(cfg)
+    head = time.perf_counter() - t0
+    cams = sorted(int(p.name[3:]) for p in (out / "world").glob("cam[0-9]*"))
+    probe = next(k for k in range(biggest) if k not in cams)
+    t0 = time.perf_counter()
+    ensure_camera(out / "world", probe)
+    per_camera = time.perf_counter() - t0
+    print(f"world: world.json + base {head:.1f}s; one camera {per_camera:.2f}s on first use "
+          f"(all {biggest} up front would take {head + biggest * per_camera:.0f}s)", flush=True)
+
+    for n in (int(x) for x in args.overhead.split(",") if x):  # interleaved: simulation, then its direct twin
+        flat = scenario(out, n, min(args.sampled, n), args.rounds, args.imgsz)
+        run = out / f"overhead{n}"
+        wall, _ = simulate(flat, run)
+        profile(f"{n} cameras, {min(args.sampled, n)} per round, {args.rounds} rounds", run, wall,
+                direct(flat, rounds_of(run)[0]))
+
+    print("\ncameras | sampled | s/round (median) | peak PSS GiB (all processes) | cameras generated | world s")
+    for n in (int(x) for x in args.scale.split(",") if x):
+        flat, run = scenario(out, n, min(args.sampled, n), args.rounds, args.imgsz), out / f"scale{n}"
+        had = len(list((out / "world").glob("cam[0-9]*")))
+        _, peak = simulate(flat, run)
+        _, ends = rounds_of(run)
+        per_round = statistics.median(ends[r] - ends[r - 1] for r in range(2, max(ends) + 1)) if max(ends) > 1 \
+            else ends[1] - ends[0]
+        made = len(list((out / "world").glob("cam[0-9]*"))) - had
+        print(f"{n:>7} | {min(args.sampled, n):>7} | {per_round:>16.1f} | {peak:>28.2f} | {made:>17} | "
+              f"{head + made * per_camera:>7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
