@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import time
 
 import psutil
@@ -95,6 +96,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics["personal-kept"] = float(source != "global")  # 0: a first round, a late joiner or a reset part
     if "partition-id" in context.node_config:  # which simulated camera this was (a benchmark redoes its work)
         metrics["partition"] = int(context.node_config["partition-id"])
+    if (ray := sys.modules.get("ray")) is not None and ray.is_initialized():  # a Ray worker: on which node
+        metrics["ray-node"] = int(ray.get_runtime_context().get_node_id()[:12], 16)  # 48 bits: exact as a float
     metrics.update({f"{k}-seconds": v for k, v in stage.seconds.items()})
     metrics["seconds"] = time.time() - started
     # The process' age when the message arrived: a fresh ClientApp process per message under a SuperNode, a

@@ -95,6 +95,7 @@ class SnapshotConfig:
     tolerance: float
     per_camera: bool
     camera_timeout: float
+    timeout: float
     dir: str
     key_path: str
 

@@ -23,6 +23,8 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
                  resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder."),
                  timeout: float = typer.Option(3600.0, help="Give up (and stop everything) after this many seconds."),
                  dashboard_port: int = typer.Option(8080, help="Live dashboard on 127.0.0.1 during the run (0: off)."),
+                 ray_address: str = typer.Option("", help="Run the clients on this existing Ray cluster (HEAD:PORT; "
+                                                 "README: Past one machine); empty: a local Ray of this run's own."),
                  sets: Optional[list[str]] = SetOpt):
     """Run a local multi-camera federation on Flower's Simulation Engine (world and base student made if missing)."""
     from rich.live import Live
@@ -48,7 +50,8 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
     try:
         view = lambda: live_view(read_events(events), cfg.fed.rounds, time.time())  # noqa: E731
         with Live(view(), console=console, refresh_per_second=1) as live:
-            code = simulation.launch(cfg, cfg.data.cameras, timeout=timeout, on_tick=lambda: live.update(view()))
+            code = simulation.launch(cfg, cfg.data.cameras, timeout=timeout, on_tick=lambda: live.update(view()),
+                                     ray_address=ray_address)
             live.update(rounds_table(read_events(events)))
     finally:
         if server:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,18 +47,24 @@ class EventBus:
 
     def __init__(self, hooks: list[Hook] | None = None):
         self.hooks: list[Hook] = list(hooks or [])
+        self._lock = threading.RLock()  # the round loop and the snapshot worker's listener both emit
 
     def add(self, hook: Hook) -> None:
         self.hooks.append(hook)
 
     def emit(self, kind: str, round: int = 0, arrays: Any | None = None, **data: Any) -> Event:
         event = Event(kind=kind, round=round, data=data)
+        with self._lock:
+            self._fan_out(event, arrays)
+        return event
+
+    def _fan_out(self, event: Event, arrays: Any | None) -> None:
+        kind, round = event.kind, event.round
         for hook in self.hooks:
             try:
                 hook(event, arrays)
             except Exception:  # noqa: BLE001 - a hook (e.g. snapshot publishing) must not kill training
                 log.exception("hook %s failed on %s event of round %d", getattr(hook, "__name__", hook), kind, round)
-        return event
 
 
 class JsonlLog:

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from server.federation.checkpoint import RoundsDone, RunCheckpoints
 from server.federation.events import EventBus, JsonlLog
 from server.federation.store import RunStore
+from server.snapshots.worker import snapshot_round
 from shared import models, task
 from shared.arrays import to_record, to_state_dict
 from shared.config import Config, to_flat
@@ -50,10 +51,9 @@ class FederatedRun:
             self.done = progress.round
             self.arrays, self.state = self.checkpoints.load(progress.round)
         self.names = [self.model.names[i] for i in sorted(self.model.names)]
-        from server.snapshots.pipeline import SnapshotHook  # after the event log: a snapshot of round N follows its round_end
+        from server.snapshots.worker import SnapshotHook  # after the event log: a snapshot of round N follows its round_end
 
-        self.snapshots = SnapshotHook(cfg, self.model, self.bus)
-        self.bus.add(self.snapshots)
+        self.snapshots = SnapshotHook(cfg).attach(self.bus)
 
     def _initial_model(self):
         ckpt = self.cfg.model.student_checkpoint
@@ -94,7 +94,8 @@ class FederatedRun:
             if server_round == 0 and self.done:  # resumed: round `done` was already evaluated and saved
                 return MetricRecord(metrics)
             saved = ""
-            if server_round > 0 and (last or rnd % max(f.checkpoint_every, 1) == 0):
+            # Snapshot rounds are always saved: the snapshot worker makes its snapshot from that file.
+            if server_round > 0 and (last or rnd % max(f.checkpoint_every, 1) == 0 or snapshot_round(self.cfg, rnd)):
                 saved = str(self.checkpoints.save(rnd, arrays, strategy.state_arrays(),
                                                   RoundsDone(rnd, self.cfg.fed.rounds, self.cfg.fed.strategy),
                                                   self.model.yaml, self.names))

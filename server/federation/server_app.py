@@ -32,9 +32,11 @@ def main(grid: Grid, context: Context) -> None:
                                 train_config=run.train_config(), evaluate_config=run.evaluate_config(),
                                 evaluate_fn=run.central_evaluate(strategy))
     except Exception as err:
+        run.snapshots.close()
         run.bus.emit("run_error", run.done, error=f"{type(err).__name__}: {err}")
         raise
     final = result.evaluate_metrics_serverapp
+    run.snapshots.finish(timeout=cfg.snapshot.timeout)  # snapshots were made beside the rounds: wait for the last
     if cfg.snapshot.enabled and cfg.snapshot.per_camera:
         per_camera(grid, cfg, run)
     run.bus.emit("run_end", cfg.fed.rounds, central={r: dict(m) for r, m in final.items()})

@@ -18,10 +18,17 @@ APP_DIR = PYPROJECT.parent
 PATH_KEYS = ("data.root", "model.student-checkpoint", "model.teacher-checkpoint")
 
 
-def backend_config(cfg: Config) -> dict:
-    """Ray backend: one CPU budget per client, no dashboard, a small object store (cameras are small)."""
+def backend_config(cfg: Config, ray_address: str = "") -> dict:
+    """Ray backend: one CPU budget per client, no dashboard, a small object store (cameras are small). With
+    `ray_address`, the clients run on that existing cluster instead, which owns its resources."""
+    threads = max(1, cfg.train.threads)
+    if ray_address:
+        init = {"address": ray_address, "ignore_reinit_error": True}
+        if ray_address.split(":")[0] in ("127.0.0.1", "localhost"):  # a cluster on loopback: the driver too
+            init["_node_ip_address"] = "127.0.0.1"
+        return {"client_resources": {"num_cpus": threads, "num_gpus": 0.0}, "init_args": init}
     cpus = os.cpu_count() or 1
-    return {"client_resources": {"num_cpus": max(1, min(cfg.train.threads, cpus)), "num_gpus": 0.0},
+    return {"client_resources": {"num_cpus": min(threads, cpus), "num_gpus": 0.0},
             "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
                           "object_store_memory": 256 * 1024 * 1024, "ignore_reinit_error": True}}
 
@@ -41,8 +48,9 @@ def child_env(run_dir: Path, extra: dict[str, str] | None = None) -> dict[str, s
 
 
 def launch(cfg: Config, num_nodes: int, extra_env: dict[str, str] | None = None, timeout: float | None = None,
-           on_tick: Callable[[], None] | None = None) -> int:
-    """Run the simulation in a child process group and wait (bounded); always stop the whole group.
+           on_tick: Callable[[], None] | None = None, ray_address: str = "") -> int:
+    """Run the simulation in a child process group and wait (bounded); always stop the whole group (a Ray cluster
+    given by `ray_address` is not ours: it keeps running, only this run's workers on it end).
 
     Returns the child's exit code, or -1 when `timeout` ran out. Its output goes to RUN_DIR/simulation.log.
     """
@@ -53,7 +61,7 @@ def launch(cfg: Config, num_nodes: int, extra_env: dict[str, str] | None = None,
         if flat[key]:
             flat[key] = str(Path(flat[key]).resolve())
     layout.save_overrides(flat)
-    cmd = [sys.executable, "-m", "server.local.simulation", str(run_dir), str(num_nodes)]
+    cmd = [sys.executable, "-m", "server.local.simulation", str(run_dir), str(num_nodes), ray_address]
     deadline = time.monotonic() + timeout if timeout else float("inf")
     with open(layout.log, "ab") as out:
         proc = subprocess.Popen(cmd, env=child_env(run_dir, extra_env), cwd=run_dir, start_new_session=True,
@@ -85,7 +93,7 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.poll()
 
 
-def _worker(run_dir: Path, num_nodes: int) -> None:
+def _worker(run_dir: Path, num_nodes: int, ray_address: str) -> None:
     """Inside the child: hand the apps to Flower's Simulation Engine with this run's config."""
     from shared.env import setup_offline
 
@@ -114,9 +122,9 @@ def _worker(run_dir: Path, num_nodes: int) -> None:
 
     _run_simulation(num_supernodes=num_nodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                     client_app_attr="client.client_app:app", server_app_attr="server.federation.server_app:app",
-                    backend_config=backend_config(load_config(overrides)), app_dir=str(APP_DIR), run=run,
+                    backend_config=backend_config(load_config(overrides), ray_address), app_dir=str(APP_DIR), run=run,
                     server_app_context=context, is_app=True)
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]), int(sys.argv[2]))
+    _worker(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "")
