@@ -35,8 +35,10 @@ def curve(run_dir: Path, key: str) -> dict[int, float]:
             if e["kind"] == "round_end" and key in e["data"].get("central", {})}
 
 
-def peak_rss_while(fn) -> tuple[float, float]:
-    """Run fn(); sample the RSS of this process tree every 0.5 s; return (seconds, peak GiB)."""
+def peak_rss_while(fn, pss: bool = False) -> tuple[float, float]:
+    """Run fn(); sample the RSS (or PSS) of this process tree every 0.5 s; return (seconds, peak GiB). PSS counts
+    the pages processes share (torch's libraries, Ray's object store) once, where a sum of RSS counts them per
+    process; reading it costs CPU."""
     peak, stop, me = 0.0, threading.Event(), psutil.Process()
 
     def sample():
@@ -46,7 +48,7 @@ def peak_rss_while(fn) -> tuple[float, float]:
             total = 0
             for p in procs:
                 try:
-                    total += p.memory_info().rss
+                    total += p.memory_full_info().pss if pss else p.memory_info().rss
                 except psutil.Error:
                     pass
             peak = max(peak, total / 2**30)

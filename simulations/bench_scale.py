@@ -7,11 +7,8 @@ import argparse
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-
-import psutil
 
 from shared.env import setup_offline
 
@@ -23,6 +20,8 @@ from shared.cpu_isa import isa_summary
 from shared.data.world import ensure_camera, ensure_world
 from shared.run_dir import RunDir
 from shared.train import local_plan, round_seed
+
+from bench_federated import peak_rss_while  # noqa: E402 - beside this script
 
 
 def scenario(out: Path, cameras: int, sampled: int, rounds: int, imgsz: int) -> dict:
@@ -36,34 +35,6 @@ def scenario(out: Path, cameras: int, sampled: int, rounds: int, imgsz: int) -> 
             "snapshot.enabled": False}
 
 
-def peak_memory_while(fn) -> tuple[float, float]:
-    """Run fn(); every 0.5 s sum the PSS of this process tree (Ray's GCS, raylet and workers included); return
-    (seconds, peak GiB). PSS, not RSS: the processes share torch's libraries and Ray's object store, which a sum of
-    RSS would count once per process."""
-    peak, stop, me = 0.0, threading.Event(), psutil.Process()
-
-    def sample():
-        nonlocal peak
-        while not stop.wait(0.5):
-            total = 0
-            for p in [me] + me.children(recursive=True):
-                try:
-                    total += p.memory_full_info().pss
-                except psutil.Error:
-                    pass
-            peak = max(peak, total / 2**30)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    t0 = time.perf_counter()
-    try:
-        fn()
-    finally:
-        stop.set()
-        thread.join()
-    return time.perf_counter() - t0, peak
-
-
 def simulate(flat: dict, run_dir: Path, memory: bool) -> tuple[float, float]:
     """`fedcam simulate` as a user runs it: (wall seconds, peak GiB). Reading every process' PSS costs CPU, so the
     runs timed against direct compute are not sampled."""
@@ -72,7 +43,7 @@ def simulate(flat: dict, run_dir: Path, memory: bool) -> tuple[float, float]:
            "--timeout", "3600", *sets]
     run = lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)  # noqa: E731
     if memory:
-        return peak_memory_while(run)
+        return peak_rss_while(run, pss=True)
     t0 = time.perf_counter()
     run()
     return time.perf_counter() - t0, float("nan")

@@ -62,10 +62,10 @@ class SnapshotHook:
         self.close()
 
     def close(self) -> None:
-        """Stop the worker now (a failed run)."""
+        """Stop the worker: a finished one exits by itself within seconds; a busy one (a failed run) is terminated."""
         if self._proc is None:
             return
-        self._proc.join(5 if not self._proc.is_alive() else 0.1)
+        self._proc.join(5)
         if self._proc.is_alive():
             self._proc.terminate()
             self._proc.join(10)
