@@ -7,8 +7,11 @@ import argparse
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+import psutil
 
 from shared.env import setup_offline
 
@@ -35,18 +38,57 @@ def scenario(out: Path, cameras: int, sampled: int, rounds: int, imgsz: int) -> 
             "snapshot.enabled": False}
 
 
-def simulate(flat: dict, run_dir: Path, memory: bool) -> tuple[float, float]:
-    """`fedcam simulate` as a user runs it: (wall seconds, peak GiB). Reading every process' PSS costs CPU, so the
-    runs timed against direct compute are not sampled."""
+ROLES = (("ClientAppActor", "client actors"), ("ray::IDLE", "idle Ray workers"), ("flwr-simulation",
+         "ServerApp + Ray driver"), ("flower-super", "Flower SuperLink, SuperExec"), ("bin/flwr", "flwr run --stream"),
+         ("multiprocessing", "snapshot worker"), ("server.cli", "fedcam simulate (CLI)"), ("ray", "Ray daemons"))
+
+
+def role(p: psutil.Process) -> str:
+    text = " ".join(p.cmdline()) or p.name()
+    return next((name for key, name in ROLES if key in text), "other")
+
+
+def cpu_by_role_while(fn) -> tuple[float, dict[str, float]]:
+    """Run fn(); every 2 s note each descendant's CPU seconds (user + system) by what it is; (wall s, role -> CPU s).
+    Cheap (no memory maps read), so the timed runs use it: it says which processes share the 2 cores."""
+    last: dict[tuple[int, float], tuple[str, float]] = {}
+    stop, me = threading.Event(), psutil.Process()
+
+    def sample():
+        while not stop.wait(2.0):
+            for p in me.children(recursive=True):
+                try:
+                    with p.oneshot():
+                        t = p.cpu_times()
+                        key = (p.pid, p.create_time())
+                        last[key] = (last[key][0] if key in last else role(p), t.user + t.system)
+                except psutil.Error:
+                    pass
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    t0 = time.perf_counter()
+    try:
+        fn()
+    finally:
+        stop.set()
+        thread.join()
+    by_role: dict[str, float] = {}
+    for name, cpu in last.values():
+        by_role[name] = by_role.get(name, 0.0) + cpu
+    return time.perf_counter() - t0, by_role
+
+
+def simulate(flat: dict, run_dir: Path, memory: bool) -> tuple[float, float | dict[str, float]]:
+    """`fedcam simulate` as a user runs it: (wall seconds, peak GiB) with `memory`, else (wall seconds, CPU seconds
+    by process role). Reading every process' PSS costs CPU, so the runs timed against direct compute don't."""
     sets = [a for k, v in flat.items() for a in ("--set", f"{k}={v}")]
     cmd = [sys.executable, "-m", "server.cli", "simulate", "--run-dir", str(run_dir), "--dashboard-port", "0",
            "--timeout", "3600", *sets]
     run = lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)  # noqa: E731
     if memory:
         return peak_rss_while(run, pss=True)
-    t0 = time.perf_counter()
-    run()
-    return time.perf_counter() - t0, float("nan")
+    return cpu_by_role_while(run)
 
 
 def rounds_of(run_dir: Path) -> tuple[list[dict], dict[int, float]]:
@@ -142,7 +184,10 @@ def main() -> None:
         for k in range(n):  # generated beforehand: the world's cost is its own column, not the simulation's
             ensure_camera(out / "world", k)
         run = out / f"overhead{n}"
-        wall, _ = simulate(flat, run, memory=False)
+        wall, cpu = simulate(flat, run, memory=False)
+        print(f"\nCPU seconds by process over the {wall:.0f} s run (2 s samples; the last seen per process):")
+        for name, sec in sorted(cpu.items(), key=lambda kv: -kv[1]):
+            print(f"  {name:<60}{sec:>8.1f}")
         profile(f"{n} cameras, {min(args.sampled, n)} per round, {args.rounds} rounds", run, wall,
                 direct(flat, rounds_of(run)[0]))
 

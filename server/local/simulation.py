@@ -1,36 +1,42 @@
-"""Local multi-camera simulation on Flower's Simulation Engine, in a child process fedcam owns and stops."""
+"""Local multi-camera simulation on Flower's Simulation Engine, driven through `flwr run`; every process stopped."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+import psutil
+import tomli_w
+
 from shared.config import Config, PYPROJECT, to_flat
-from shared.env import OFFLINE_ENV, ray_home
+from shared.env import OFFLINE_ENV, STATE_DIR, ray_home
+from server.local.processes import Family
 from shared.run_dir import RunDir
 
 APP_DIR = PYPROJECT.parent
+BIN = Path(sys.executable).parent  # this environment's Flower commands
 PATH_KEYS = ("data.root", "model.student-checkpoint", "model.teacher-checkpoint")
 
 
-def backend_config(cfg: Config, ray_address: str = "") -> dict:
-    """Ray backend: one CPU budget per client, no dashboard, a small object store (cameras are small). With
-    `ray_address`, the clients run on that existing cluster instead, which owns its resources."""
+def federation_config(cfg: Config, num_nodes: int, ray_address: str = "") -> dict:
+    """Flower's simulation settings for `flwr run --federation-config`: the number of simulated SuperNodes and the
+    Ray backend's resources (one CPU budget per client). On an existing cluster (`ray_address`) Ray refuses
+    init-time CPU counts: the cluster owns its resources."""
     threads = max(1, cfg.train.threads)
-    if ray_address:
-        init = {"address": ray_address, "ignore_reinit_error": True}
-        if ray_address.split(":")[0] in ("127.0.0.1", "localhost"):  # a cluster on loopback: the driver too
-            init["_node_ip_address"] = "127.0.0.1"
-        return {"client_resources": {"num_cpus": threads, "num_gpus": 0.0}, "init_args": init}
     cpus = os.cpu_count() or 1
-    return {"client_resources": {"num_cpus": min(threads, cpus), "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
-                          "object_store_memory": 256 * 1024 * 1024, "ignore_reinit_error": True}}
+    config = {"num-supernodes": num_nodes, "backend": "ray", "client-resources-num-gpus": 0.0,
+              "client-resources-num-cpus": threads if ray_address else min(threads, cpus)}
+    if not ray_address:
+        config.update({"init-args-num-cpus": cpus, "init-args-num-gpus": 0})
+    return config
 
 
 def child_env(run_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -43,37 +49,125 @@ def child_env(run_dir: Path, extra: dict[str, str] | None = None) -> dict[str, s
     # Local Ray finds "its" IP by connecting a UDP socket to a public DNS server; with clusters off it
     # uses loopback instead (a multi-node Ray cluster sets this back to 1, see README).
     env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    env.setdefault("YOLO_CONFIG_DIR", os.environ.get("YOLO_CONFIG_DIR", ""))
+    env["YOLO_CONFIG_DIR"] = env.get("YOLO_CONFIG_DIR") or str(STATE_DIR / "yolo")
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # flower-superlink starts flower-superexec by name
     return env
+
+
+def ray_env(ray_address: str) -> dict[str, str]:
+    """What Flower's backend config cannot say, told to Ray through its own variables: the cluster to join, and a
+    small object store for a local one (cameras' arrays are small; Ray's default is 30 % of RAM)."""
+    if ray_address:
+        return {"RAY_ADDRESS": ray_address}
+    share = 256 * 1024 * 1024 / psutil.virtual_memory().total
+    return {"RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": f"{min(0.3, share):.4f}"}
+
+
+def run_config_file(path: Path, flat: dict) -> Path:
+    """The run's config as a TOML file for `flwr run --run-config` (flat dotted keys, as Flower flattens them)."""
+    path.write_text(tomli_w.dumps(flat))
+    return path
 
 
 def launch(cfg: Config, num_nodes: int, extra_env: dict[str, str] | None = None, timeout: float | None = None,
            on_tick: Callable[[], None] | None = None, ray_address: str = "") -> int:
-    """Run the simulation in a child process group and wait (bounded); always stop the whole group (a Ray cluster
-    given by `ray_address` is not ours: it keeps running, only this run's workers on it end).
+    """Run the apps on Flower's Simulation Engine through its public path: a SuperLink of our own in simulation
+    mode on a free loopback port, and `flwr run` of this app (built into a FAB) with this run's config. Waits
+    (bounded), then stops every process started here by PID (a Ray cluster given by `ray_address` is not ours:
+    it keeps running, only this run's workers on it end).
 
-    Returns the child's exit code, or -1 when `timeout` ran out. Its output goes to RUN_DIR/simulation.log.
+    Returns 0 when the run finished completed, 1 when it finished otherwise, -1 when `timeout` ran out. The
+    SuperLink's output goes to RUN_DIR/superlink.log, the run's streamed log to RUN_DIR/simulation.log.
     """
     run_dir = Path(cfg.run_dir).resolve()
     layout = RunDir(run_dir)
     flat = {**to_flat(cfg), "run-dir": str(run_dir)}
-    for key in PATH_KEYS:  # the child runs inside the run folder: relative paths must not change meaning
+    for key in PATH_KEYS:  # the apps run from Flower's app folder: relative paths must not change meaning
         if flat[key]:
             flat[key] = str(Path(flat[key]).resolve())
     layout.save_overrides(flat)
-    cmd = [sys.executable, "-m", "server.local.simulation", str(run_dir), str(num_nodes), ray_address]
+    env = child_env(run_dir, {**ray_env(ray_address), **(extra_env or {})})
+    port = free_port()
+    connection(layout.flwr_home, port)
     deadline = time.monotonic() + timeout if timeout else float("inf")
-    with open(layout.log, "ab") as out:
-        proc = subprocess.Popen(cmd, env=child_env(run_dir, extra_env), cwd=run_dir, start_new_session=True,
-                                stdout=out, stderr=subprocess.STDOUT)
-        try:
-            while proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.5)
-                if on_tick:
-                    on_tick()
-            return proc.returncode if proc.returncode is not None else -1
-        finally:
-            stop_group(proc)
+    families: list[Family] = []
+    try:
+        with open(run_dir / "superlink.log", "ab") as out:
+            superlink = subprocess.Popen(
+                [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
+                 "--disable-runtime-dependency-installation"],
+                env=env, cwd=run_dir, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        families.append(Family(superlink))
+        if not wait_listening(port, superlink, min(deadline, time.monotonic() + 120)):
+            return -1 if time.monotonic() >= deadline else 1
+        overrides = run_config_file(layout.flwr_home / "run_config.toml", flat)
+        fed = " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config(cfg, num_nodes, ray_address).items())
+        with open(layout.log, "ab") as out:
+            seen = out.tell()  # a resumed run appends to the log: its run id comes after this
+            stream = subprocess.Popen(
+                [str(BIN / "flwr"), "run", str(APP_DIR), SUPERLINK, "--run-config", str(overrides), "--federation-config", fed,
+                 "--stream"], env=env, cwd=run_dir, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        families.append(Family(stream))
+        ticks = 0
+        while stream.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            ticks += 1
+            if ticks % 4 == 0:  # the simulation and Ray's daemons, while they are still attached
+                families[0].watch()
+            if on_tick:
+                on_tick()
+        if stream.returncode is None:
+            return -1
+        return finished(env, layout, seen)
+    finally:
+        for family in families[::-1]:
+            family.stop()
+
+
+SUPERLINK = "fedcam-sim"  # the Flower CLI's connection name, kept in the run's own FLWR_HOME
+
+
+def connection(flwr_home: Path, port: int) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(tomli_w.dumps(
+        {"superlink": {"default": SUPERLINK, SUPERLINK: {"address": f"127.0.0.1:{port}", "insecure": True}}}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, deadline: float) -> bool:
+    """Wait (bounded) until the SuperLink accepts connections; False if it exited or time ran out."""
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket() as s:
+            s.settimeout(1.0)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.3)
+    return False
+
+
+def finished(env: dict[str, str], layout: RunDir, seen: int) -> int:
+    """0 if the run `flwr run` started (its id in the log after byte `seen`) finished completed; else 1, with
+    Flower's status appended to the log."""
+    with open(layout.log, "rb") as f:
+        f.seek(seen)
+        match = re.search(r"Successfully started run (\d+)", f.read().decode(errors="replace"))
+    if not match:
+        return 1
+    out = subprocess.run([str(BIN / "flwr"), "list", SUPERLINK, "--run-id", match.group(1), "--format", "json"], env=env,
+                         cwd=layout.root, capture_output=True, text=True, timeout=120)
+    try:
+        run = json.loads(out.stdout)["runs"][0]
+        status, details = run.get("status", "unknown"), run.get("status-details", "")
+    except (ValueError, KeyError, IndexError):
+        status, details = "unknown", (out.stdout + out.stderr)[-2000:]
+    with open(layout.log, "a") as log:
+        log.write(f"\n[fedcam] run {match.group(1)}: {status} {details}\n")
+    return 0 if status == "finished:completed" else 1
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -91,40 +185,3 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
                 return
             time.sleep(0.2)
         proc.poll()
-
-
-def _worker(run_dir: Path, num_nodes: int, ray_address: str) -> None:
-    """Inside the child: hand the apps to Flower's Simulation Engine with this run's config."""
-    from shared.env import setup_offline
-
-    setup_offline()
-
-    from flwr.app import Context, RecordDict
-    from flwr.common.config import get_fused_config_from_dir
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.simulation.run_simulation import NOOP_FEDERATION_ID, _run_simulation
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
-
-    from shared.config import load_config
-
-    # As flwr.simulation.run_simulation sets up its Run, plus the run config overrides it cannot pass on.
-    overrides = RunDir(run_dir).overrides()
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-    run.federation_id = NOOP_FEDERATION_ID
-    run.override_config = overrides
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
-    fused = get_fused_config_from_dir(APP_DIR, overrides)
-    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused)
-
-    _run_simulation(num_supernodes=num_nodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    client_app_attr="client.client_app:app", server_app_attr="server.federation.server_app:app",
-                    backend_config=backend_config(load_config(overrides), ray_address), app_dir=str(APP_DIR), run=run,
-                    server_app_context=context, is_app=True)
-
-
-if __name__ == "__main__":
-    _worker(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "")
