@@ -97,26 +97,29 @@ def rounds_of(run_dir: Path) -> tuple[list[dict], dict[int, float]]:
     return ev, {e["round"]: e["time"] for e in ev if e["kind"] == "round_end"}
 
 
-def direct(flat: dict, events: list[dict]) -> dict[str, float]:
-    """The simulation's compute, done here: each sampled camera's evaluation and fine-tune of the global model (same
-    plan, seed, threads, data), and the server's central evaluations, without Flower or Ray."""
+def direct(flat: dict, run_dir: Path, events: list[dict]) -> dict[str, float]:
+    """The simulation's compute, done here: each sampled camera's evaluation and fine-tune of the model it was sent
+    (same weights from the round checkpoints, plan, seed, threads, data) and the server's central evaluations of
+    each round's model, without Flower or Ray. The weights matter: NMS and matching cost follow the boxes a model
+    proposes."""
     from client.camera import local_evaluate, local_finetune
 
-    cfg = load_config({**flat, "model.student-checkpoint": next(e for e in events if e["kind"] == "run_start")
-                       ["data"]["config"]["model.student-checkpoint"]})
+    start = next(e for e in events if e["kind"] == "run_start")["data"]["config"]["model.student-checkpoint"]
+    cfg = load_config({**flat, "model.student-checkpoint": start})
     task.set_threads(cfg.train.threads)
-    start, got = models.load(cfg.model.student_checkpoint), {"eval": 0.0, "finetune": 0.0, "central": 0.0,
-                                                              "central-0": 0.0}
+    weights = lambda rnd: RunDir(run_dir).checkpoints / f"global_r{rnd:04d}.pt" if rnd else Path(start)  # noqa: E731
+    got = {"eval": 0.0, "finetune": 0.0, "central": 0.0, "central-0": 0.0}
     scored = [e["round"] for e in events if e["kind"] == "round_end" and e["data"].get("central")]
     for e in (e for e in events if e["kind"] in ("train_result", "round_end")):
         if e["kind"] == "round_end":
             if e["round"] in scored:
+                net = models.load(weights(e["round"]))
                 t0 = time.perf_counter()
-                task.score_cameras(start, cfg)
+                task.score_cameras(net, cfg)
                 got["central" if e["round"] else "central-0"] += time.perf_counter() - t0
             continue
         for c in e["data"]["clients"]:
-            net, data = models.load(cfg.model.student_checkpoint), task.camera_yaml(cfg, int(c["metrics"]["partition"]))
+            net, data = models.load(weights(e["round"] - 1)), task.camera_yaml(cfg, int(c["metrics"]["partition"]))
             t0 = time.perf_counter()
             local_evaluate(net, data, cfg)
             t1 = time.perf_counter()
@@ -189,7 +192,7 @@ def main() -> None:
         for name, sec in sorted(cpu.items(), key=lambda kv: -kv[1]):
             print(f"  {name:<60}{sec:>8.1f}")
         profile(f"{n} cameras, {min(args.sampled, n)} per round, {args.rounds} rounds", run, wall,
-                direct(flat, rounds_of(run)[0]))
+                direct(flat, run, rounds_of(run)[0]))
 
     print("\ncameras | sampled | s/round (median) | peak PSS GiB (all processes) | cameras generated | world s")
     for n in (int(x) for x in args.scale.split(",") if x):

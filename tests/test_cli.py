@@ -7,6 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from server.cli import app
+from server.federation.events import Event, EventTail, JsonlLog, read_events
 
 
 def test_simulate_refuses_a_finished_run_before_starting_anything(tmp_path):
@@ -23,3 +24,19 @@ def test_simulate_refuses_a_finished_run_before_starting_anything(tmp_path):
     assert not world.exists()  # no world, teacher or simulation was started
     assert json.loads((run / "checkpoints" / "progress.json").read_text()) == progress
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]
+
+
+def test_the_live_view_reads_only_what_was_appended_and_waits_for_a_half_written_line(tmp_path):
+    path = tmp_path / "events.jsonl"
+    tail, log = EventTail(path), JsonlLog(path)
+    assert tail.read() == []  # no log yet
+    log(Event(kind="run_start"))
+    assert [e["kind"] for e in tail.read()] == ["run_start"]
+    with path.open("a") as f:  # a writer caught mid-line
+        f.write('{"kind": "round_start", "round"')
+    assert [e["kind"] for e in tail.read()] == ["run_start"]
+    with path.open("a") as f:
+        f.write(': 1, "time": 0, "data": {}}\nnot json\n')
+    log(Event(kind="round_end", round=1))
+    assert [e["kind"] for e in tail.read()] == ["run_start", "round_start", "round_end"]  # the bad line skipped
+    assert tail.read() == read_events(path)

@@ -31,7 +31,7 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
 
     from server.local import simulation, warmstart
     from server.cli.live import live_view, rounds_table
-    from server.federation.events import read_events
+    from server.federation.events import EventTail, read_events
 
     if resume:
         flat = RunDir(resume).overrides()
@@ -48,7 +48,8 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
                   f"in [bold]{cfg.run_dir}[/] (log: {layout.log})")
     server = start_dashboard(layout.root, layout.registry(cfg.snapshot.dir), dashboard_port) if dashboard_port else None
     try:
-        view = lambda: live_view(read_events(events), cfg.fed.rounds, time.time())  # noqa: E731
+        tail = EventTail(events)
+        view = lambda: live_view(tail.read(), cfg.fed.rounds, time.time())  # noqa: E731
         with Live(view(), console=console, refresh_per_second=1) as live:
             code = simulation.launch(cfg, cfg.data.cameras, timeout=timeout, on_tick=lambda: live.update(view()),
                                      ray_address=ray_address)

@@ -96,3 +96,26 @@ def read_events(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             log.warning("skipping unreadable event line in %s", path)
     return out
+
+
+class EventTail:
+    """The events of a run that is still being written, read incrementally: each `read()` parses only the lines
+    appended since the last one (a live view polls twice a second; rereading the whole log grows with the run)."""
+
+    def __init__(self, path: Path):
+        self.path, self.events, self._offset, self._partial = Path(path), [], 0, b""
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return self.events
+        with self.path.open("rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        self._offset += len(chunk)
+        *lines, self._partial = (self._partial + chunk).split(b"\n")  # the last piece may be half written
+        for line in lines:
+            try:
+                self.events.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("skipping unreadable event line in %s", self.path)
+        return self.events
