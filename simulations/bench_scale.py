@@ -38,32 +38,38 @@ def scenario(out: Path, cameras: int, sampled: int, rounds: int, imgsz: int) -> 
             "snapshot.enabled": False}
 
 
-ROLES = (("ClientAppActor", "client actors"), ("ray::IDLE", "idle Ray workers"), ("flwr-simulation",
-         "ServerApp + Ray driver"), ("flower-super", "Flower SuperLink, SuperExec"), ("bin/flwr", "flwr run --stream"),
-         ("multiprocessing", "snapshot worker"), ("server.cli", "fedcam simulate (CLI)"), ("ray", "Ray daemons"))
+# First match wins; a Ray worker starts as default_worker.py, then retitles itself ray::IDLE, then ray::<actor>.
+ROLES = (("ClientAppActor", "client actors"), ("ray::IDLE", "idle Ray workers"), ("default_worker", "idle Ray workers"),
+         ("flwr-simulation", "ServerApp + Ray driver"), ("flower-super", "Flower SuperLink, SuperExec"),
+         ("bin/flwr", "flwr run --stream"), ("multiprocessing", "snapshot worker"),
+         ("server.cli", "fedcam simulate (CLI)"), ("raylet", "Ray: raylet"), ("gcs_server", "Ray: GCS"),
+         ("ray", "Ray: agents, monitors"))
+FLOWER, CLI = (next(i for i, (key, _) in enumerate(ROLES) if key == k) for k in ("flower-super", "server.cli"))
 
 
-def role(p: psutil.Process) -> str:
+def role(p: psutil.Process) -> int:
+    """Index into ROLES of what `p` is now (a process that retitles itself is sampled again)."""
     text = " ".join(p.cmdline()) or p.name()
-    return next((name for key, name in ROLES if key in text), "other")
+    return next((i for i, (key, _) in enumerate(ROLES) if key in text), len(ROLES))
 
 
 def cpu_by_role_while(fn) -> tuple[float, dict[str, float]]:
     """Run fn(); every 2 s note each descendant's CPU seconds (user + system) by what it is; (wall s, role -> CPU s).
     Cheap (no memory maps read), so the timed runs use it: it says which processes share the 2 cores."""
-    last: dict[tuple[int, float], tuple[str, float]] = {}
-    stop, me = threading.Event(), psutil.Process()
+    last: dict[tuple[int, float], tuple[int, float]] = {}
+    stop, me, cli_before = threading.Event(), psutil.Process(), [0.0]
 
     def sample():
         while not stop.wait(2.0):
             for p in me.children(recursive=True):
                 try:
                     with p.oneshot():
-                        t = p.cpu_times()
-                        key = (p.pid, p.create_time())
-                        last[key] = (last[key][0] if key in last else role(p), t.user + t.system)
+                        t, key, now = p.cpu_times(), (p.pid, p.create_time()), role(p)
+                        last[key] = (min(now, last[key][0]) if key in last else now, t.user + t.system)
                 except psutil.Error:
                     pass
+            if not any(r == FLOWER for r, _ in last.values()):  # no SuperLink yet: the CLI is still preparing
+                cli_before[0] = sum(c for r, c in last.values() if r == CLI)
 
     thread = threading.Thread(target=sample)
     thread.start()
@@ -73,8 +79,9 @@ def cpu_by_role_while(fn) -> tuple[float, dict[str, float]]:
     finally:
         stop.set()
         thread.join()
-    by_role: dict[str, float] = {}
-    for name, cpu in last.values():
+    by_role: dict[str, float] = {"fedcam simulate (CLI), before the SuperLink started": cli_before[0]}
+    for index, cpu in last.values():
+        name = ROLES[index][1] if index < len(ROLES) else "other"
         by_role[name] = by_role.get(name, 0.0) + cpu
     return time.perf_counter() - t0, by_role
 
