@@ -35,16 +35,17 @@ def curve(run_dir: Path, key: str) -> dict[int, float]:
             if e["kind"] == "round_end" and key in e["data"].get("central", {})}
 
 
-def peak_rss_while(fn, pss: bool = False) -> tuple[float, float]:
+def peak_rss_while(fn, pss: bool = False, children_only: bool = False) -> tuple[float, float]:
     """Run fn(); sample the RSS (or PSS) of this process tree every 0.5 s; return (seconds, peak GiB). PSS counts
     the pages processes share (torch's libraries, Ray's object store) once, where a sum of RSS counts them per
-    process; reading it costs CPU."""
+    process; reading it costs CPU. `children_only` leaves this process out (a benchmark that has itself loaded
+    torch and models to time the direct twin is not part of what it measures)."""
     peak, stop, me = 0.0, threading.Event(), psutil.Process()
 
     def sample():
         nonlocal peak
         while not stop.wait(0.5):
-            procs = [me] + me.children(recursive=True)
+            procs = ([] if children_only else [me]) + me.children(recursive=True)
             total = 0
             for p in procs:
                 try:

@@ -94,7 +94,7 @@ def simulate(flat: dict, run_dir: Path, memory: bool) -> tuple[float, float | di
            "--timeout", "3600", *sets]
     run = lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)  # noqa: E731
     if memory:
-        return peak_rss_while(run, pss=True)
+        return peak_rss_while(run, pss=True, children_only=True)
     return cpu_by_role_while(run)
 
 

@@ -73,7 +73,7 @@ def simulate_cmd(cameras: Optional[int] = typer.Option(None, help="Simulated cam
 def refuse_finished_run(cfg) -> None:
     """Before any work: the ServerApp refuses too, but only after the teacher, the student and Ray have started,
     and the old run's table would then read like this one's."""
-    from server.federation.run import RunExists, resume_point
+    from server.federation.progress import RunExists, resume_point
 
     try:
         resume_point(cfg)

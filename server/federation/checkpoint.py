@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+from server.federation.progress import RoundsDone, read_progress
 from shared.arrays import to_record, to_state_dict
 from shared.models import checkpoint_blob, is_fedcam
 from shared.run_dir import RunDir
-
-
-@dataclass
-class RoundsDone:
-    round: int  # last completed round
-    total_rounds: int
-    strategy: str
 
 
 class RunCheckpoints:
@@ -42,8 +35,7 @@ class RunCheckpoints:
         return weights
 
     def progress(self) -> RoundsDone | None:
-        path = self.dir / "progress.json"
-        return RoundsDone(**json.loads(path.read_text())) if path.exists() else None
+        return read_progress(self.dir.parent)
 
     def load(self, rnd: int) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
         weights = self.dir / f"global_r{rnd:04d}.pt"

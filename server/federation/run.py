@@ -10,6 +10,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from server.federation.checkpoint import RoundsDone, RunCheckpoints
+from server.federation.progress import RunExists, resume_point  # noqa: F401  (RunExists: the ServerApp's refusal)
 from server.federation.events import EventBus, JsonlLog
 from server.federation.store import RunStore
 from server.snapshots.worker import snapshot_round
@@ -20,20 +21,6 @@ from shared.run_dir import RunDir
 from shared.train import local_plan
 
 log = logging.getLogger("fedcam.server")
-
-
-class RunExists(RuntimeError):
-    """The run folder already holds rounds and resume was not asked for: never overwrite them."""
-
-
-def resume_point(cfg: Config) -> RoundsDone | None:
-    """The run folder's last completed round (None: a fresh folder); RunExists if it has rounds and resume is off.
-    The CLI asks before any work starts; the ServerApp asks again, for runs started by other means."""
-    progress = RunCheckpoints(cfg.run_dir).progress()
-    if progress and not cfg.resume:
-        raise RunExists(f"{cfg.run_dir} already has {progress.round} completed rounds (of {progress.total_rounds}): "
-                        f"resume it (--resume {cfg.run_dir}) or pick a new run-dir")
-    return progress
 
 
 class FederatedRun:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from shared.config import Config, to_flat
-from shared.train import Progress
+
+if TYPE_CHECKING:  # shared.train imports torch: the CLI process stays small while the run goes on
+    from shared.train import Progress
 
 BASE_KEYS = ("seed", "data.classes", "data.imgsz", "data.base-train", "data.base-val")
 # The world's camera data never touches the starting models, so only these parts of the config key them;
@@ -16,7 +18,7 @@ BASE_KEYS = ("seed", "data.classes", "data.imgsz", "data.base-train", "data.base
 TRAIN_SECTIONS = ("train",)
 NOT_RECIPE = ("train.threads",)
 DISTILL_RECIPE = ("distill.response", "distill.box", "distill.feature", "distill.attention", "distill.temperature")
-ProgressFor = Callable[[str], Progress]
+ProgressFor = Callable[[str], "Progress"]
 
 
 def recipe_key(cfg: Config, keys: tuple[str, ...], extra: dict | None = None) -> str:
