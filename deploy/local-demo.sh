@@ -41,4 +41,4 @@ FLWR_HOME="$work/sn9" timeout 60 flower-supernode --root-certificates "$work/pki
 cd "$repo"
 FLWR_HOME="$work/cli" flwr run . fleet --stream --run-config \
   "$tiny data.root='$work/world' fed.rounds=2 run-dir='$work/run' snapshot.recover-epochs=0 snapshot.round-to=1"
-grep -q '"kind": "snapshot"' "$work/run/events.jsonl" && echo "snapshot: $(cat "$work/run/snapshots/latest.json")"
+grep -q '"kind": "snapshot"' "$work/run/events.jsonl" && echo "snapshot: $(cat "$work/run/snapshots/global/latest.json")"

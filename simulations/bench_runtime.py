@@ -70,8 +70,9 @@ def main() -> None:
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reg = Path(args.registry)
-    version = json.loads((reg / "latest.json").read_text())["version"]
-    folder = reg / version
+    channel = reg / "global" if (reg / "global").is_dir() else reg  # the global channel (older registries: the root)
+    version = json.loads((channel / "latest.json").read_text())["version"]
+    folder = channel / version
     ours, theirs = run(RUNTIME, str(folder), args.frames, str(args.n), env=env), \
         run(ULTRA, str(folder), args.frames, str(args.n), env=env)
     print(f"snapshot {version}, {args.n} frames, 1 thread")

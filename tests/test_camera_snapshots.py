@@ -160,5 +160,27 @@ def test_each_camera_gets_its_own_snapshot_and_a_failing_one_keeps_the_global(ca
     (out,) = Detector(folder / "model.onnx", manifest.imgsz).raw(np.zeros((1, 3, 64, 64), np.uint8))
     assert out.shape[0] == 4 + len(manifest.names) and np.isfinite(out).all()
     # A camera's snapshot is its own: different weights (its BatchNorm) and ranges than the global one.
-    assert manifest.sha256 != json.loads((registry.root / "v0001" / "manifest.json").read_text())["sha256"]
+    assert manifest.sha256 != json.loads((registry.folder() / "v0001" / "manifest.json").read_text())["sha256"]
     assert [r["camera"] for r in registry.camera_rows()] == ["cam00"]
+
+
+@pytest.mark.slow
+def test_cameras_that_do_not_answer_in_time_keep_the_global_snapshot(tiny_cfg, tiny_world, tmp_path):
+    """snapshot.camera-timeout shorter than any camera's answer: the exchange gives up on every camera, each keeps
+    the global snapshot (which is published), and the run still ends completed."""
+    from server.federation.events import read_events
+    from server.local import simulation
+    from server.snapshots.registry import Registry
+    from shared.run_dir import RunDir
+
+    cfg = sim_cfg(tiny_cfg, tiny_world, tmp_path / "run", **{"fed.rounds": 1, "fed.personal": "bn",
+                                                             "fed.freeze-bn": False, "snapshot.per-camera": True,
+                                                             "snapshot.prune-ratio": 0.0, "snapshot.tolerance": 1.0,
+                                                             "snapshot.camera-timeout": 0.05})
+    run = RunDir(cfg.run_dir)
+    assert simulation.launch(cfg, 2, timeout=400) == 0, run.log.read_text()[-3000:]
+    outcomes = [e["data"] for e in read_events(run.events) if e["kind"] == "camera_snapshot"]
+    assert len(outcomes) == 2 and not any(o["published"] for o in outcomes)
+    assert all("query.personal: no answer within 0 s" in o["reason"] for o in outcomes), outcomes
+    registry = Registry(Path(cfg.run_dir) / "snapshots")
+    assert registry.latest()["version"] == "v0001" and registry.camera_rows() == []

@@ -38,11 +38,13 @@ def kinds(run_dir: Path, kind: str) -> list[dict]:
 def test_deployment_tls_auth_two_rounds_with_a_node_killed_and_restarted(tmp_path, tiny_cfg, tiny_world, egress_shim):
     run_dir = tmp_path / "run"
     cfg = sim_cfg(tiny_cfg, tiny_world, run_dir, **{"fed.round-timeout": 240.0, "fed.rounds": 3, "snapshot.recover-epochs": 0,
-                                                    "snapshot.tolerance": 1.0})  # gating is tested elsewhere
+                                                    "snapshot.tolerance": 1.0,  # gating is tested elsewhere
+                                                    "snapshot.per-camera": True})
     flat = {k: v for k, v in to_flat(cfg).items() if k != "resume"}
     egress = tmp_path / "egress.jsonl"
     env = {"LD_PRELOAD": str(egress_shim), "FEDCAM_EGRESS_LOG": str(egress)}
-    cams = {f"cam0{i}": {"data-path": str(tiny_world / f"cam0{i}" / "data.yaml")} for i in range(2)}
+    cams = {f"cam0{i}": {"data-path": str(tiny_world / f"cam0{i}" / "data.yaml"), "camera-id": f"cam0{i}"}
+            for i in range(2)}
     started: list[int] = []
     with Loopback(tmp_path / "deploy", free_port_block(), Path(sys.executable).parent, env) as lb:
         lb.make_pki([*cams, "intruder"])
@@ -78,8 +80,15 @@ def test_deployment_tls_auth_two_rounds_with_a_node_killed_and_restarted(tmp_pat
         assert [t["data"]["accepted"] for t in trains][::2] == [2, 2] and trains[1]["data"]["accepted"] >= 1
         snap = wait_for(lambda: kinds(run_dir, "snapshot"), 300, "the snapshot")[0]
         assert snap["round"] == 3 and snap["data"]["published"], snap["data"]
-        latest = json.loads((run_dir / "snapshots" / "latest.json").read_text())
+        latest = json.loads((run_dir / "snapshots" / "global" / "latest.json").read_text())
         assert latest["version"] == snap["data"]["version"]
+        # After the rounds, each SuperNode calibrated the global structure on its own frames and scored its int8
+        # candidate: one channel per camera id its node config names (the restarted node included).
+        own = {e["data"]["camera"]: e["data"] for e in kinds(run_dir, "camera_snapshot")}
+        assert set(own) == set(cams) and all(o["published"] for o in own.values()), own
+        for name in cams:
+            pointer = json.loads((run_dir / "snapshots" / "cameras" / name / "latest.json").read_text())
+            assert pointer["version"] == own[name]["version"] == "v0001"
     # Every process group we started is gone: SuperLink with its ServerApp, SuperNodes with their ClientApps.
     # (and nothing else whose command line points into this test's folder: SuperExecs, ServerApp, ClientApps)
     alive = [p.pid for p in psutil.process_iter() if _pgid(p.pid) in started or str(tmp_path) in _cmdline(p)]

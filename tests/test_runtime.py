@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -128,7 +129,7 @@ def test_agent_swaps_rejects_rolls_back_and_survives_outages(fleet, tiny_cfg):
 
     # tampered after signing: refused, old one keeps serving, retried later (not blacklisted)
     v3 = publish(registry, m1, names)
-    served = registry.root / v3 / MODEL_FILE
+    served = registry.folder() / v3 / MODEL_FILE
     data = bytearray(served.read_bytes())
     data[100] ^= 0xFF
     served.write_bytes(bytes(data))
@@ -191,3 +192,18 @@ def test_agent_follows_its_cameras_channel_and_falls_back_to_the_global_one(flee
     with pytest.raises(SnapshotError, match="signed for camera 'cam01'"):
         agent.poll_once()
     assert Agent(server.url, tmp / "device", key, camera_id="cam00").state["current"] == g2  # after a reboot too
+
+
+def test_the_global_channel_has_a_folder_of_its_own_and_an_older_registry_goes_on_where_it_is(tmp_path):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not a real model: the registry only stores and signs it")
+    key = tmp_path / "key.pem"
+    fresh = Registry(tmp_path / "new", key)
+    v1 = publish(fresh, model, ["a"])
+    assert (tmp_path / "new" / "global" / v1 / MODEL_FILE).exists() and fresh.latest()["version"] == v1
+    assert not (tmp_path / "new" / v1).exists()
+    old = tmp_path / "old"  # as written before: ROOT/vNNNN and ROOT/latest.json
+    (old / "v0001").mkdir(parents=True)
+    (old / "latest.json").write_text(json.dumps({"version": "v0001", "sha256": "", "round": 1}))
+    legacy = Registry(old, key)
+    assert legacy.folder() == old and legacy.latest()["version"] == "v0001"  # its next snapshot goes there too

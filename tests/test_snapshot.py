@@ -138,14 +138,14 @@ def test_gate_rejects_damaged_candidates_and_falls_back_to_dense(trained, tmp_pa
     rows = {r["version"]: r for r in registry.rows()}
     assert [rows[v]["status"] for v in ("v0001", "v0002", "v0003")] == ["published", "published", "rejected"]
     assert registry.latest()["version"] == fallback.manifest.version == "v0002"
-    assert not (registry.root / rejected.manifest.version).exists()
+    assert not (registry.folder() / rejected.manifest.version).exists()
 
 
 def test_signature_verifies_and_any_flipped_byte_fails(trained, tmp_path):
     cfg, model, _ = trained
     registry = Registry(tmp_path / "snapshots", tmp_path / "key.pem")
     result = make_snapshot(model, cfg.replace(**{"snapshot.prune-ratio": 0.0, "snapshot.tolerance": 1.0}), 1, "", registry)
-    folder = registry.root / result.manifest.version
+    folder = registry.folder() / result.manifest.version
     key = load_public_key((registry.root / "server_public_key.pem").read_bytes())
     assert verify_dir(folder, key).sha256 == result.manifest.sha256
     for name in (MODEL_FILE, MANIFEST_FILE, SIGNATURE_FILE):

@@ -1,7 +1,8 @@
 """Snapshot registry: immutable signed snapshot folders, an atomic `latest` pointer per channel, a SQLite index.
 
-Channels: the global one (`ROOT/vNNNN/`) and one per camera (`ROOT/cameras/<camera-id>/vNNNN/`), each with its
-own `latest.json` and version numbers."""
+Channels: the global one (`ROOT/global/vNNNN/`) and one per camera (`ROOT/cameras/<camera-id>/vNNNN/`), each with
+its own `latest.json` and version numbers. A registry written before the global channel had a folder of its own
+(`ROOT/vNNNN/`, `ROOT/latest.json`) is read and continued where it is."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ CAMERA_SCHEMA = SCHEMA.replace("snapshots (", "camera_snapshots (camera TEXT NOT
     "version TEXT UNIQUE", "version TEXT").replace("extra TEXT\n)", "extra TEXT,\n    UNIQUE (camera, version)\n)")
 COLUMNS = ("version, round, target, status, reason, sha256, size, map50_fp32, map50_int8, map_fp32, map_int8,"
            " latency_ms, created, parent_checkpoint, extra")
-LATEST, PUBLIC_KEY, CAMERAS = "latest.json", "server_public_key.pem", "cameras"
+LATEST, PUBLIC_KEY, CAMERAS, GLOBAL = "latest.json", "server_public_key.pem", "cameras", "global"
 CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -59,8 +60,11 @@ class Registry:
         return db
 
     def folder(self, camera: str | None = None) -> Path:
-        """The channel's folder: the registry root (global) or cameras/<camera-id>/."""
-        return self.root if camera is None else self.root / CAMERAS / check_camera_id(camera)
+        """The channel's folder: global/ or cameras/<camera-id>/ (the root itself for an older registry's global one)."""
+        if camera is None:
+            legacy = (self.root / LATEST).exists() and not (self.root / GLOBAL).exists()
+            return self.root if legacy else self.root / GLOBAL
+        return self.root / CAMERAS / check_camera_id(camera)
 
     def next_version(self, camera: str | None = None) -> str:
         with closing(self._db()) as db:
