@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -13,8 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
-
+from server.local.processes import Family
 from shared.config import PYPROJECT
 from shared.env import OFFLINE_ENV
 
@@ -70,23 +68,8 @@ class Loopback:
         """Signal `name` and every process it started, by PID: its process group and its descendants (the
         SuperLink's SuperExec runs in a session of its own); SIGKILL whatever outlives `grace`."""
         proc = self.procs.pop(name, None)
-        if proc is None:
-            return
-        try:
-            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            family = []
-        for s, wait in ((sig, grace), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, s)
-            for p in family:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.send_signal(s)
-            _, alive = psutil.wait_procs(family, timeout=wait)
-            family = alive
-            if not alive:
-                break
-        proc.poll()
+        if proc is not None:
+            Family(proc).stop(grace, sig)
 
     def stop_all(self) -> None:
         for name in list(self.procs):

@@ -39,10 +39,10 @@ class Family:
                     living.append(p)
         return living
 
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM (the root's group too), then SIGKILL whatever outlives `grace`; reap the root."""
+    def stop(self, grace: float = 10.0, first: int = signal.SIGTERM) -> None:
+        """`first` (the root's group too), then SIGKILL whatever outlives `grace`; reap the root."""
         self.watch()
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for sig, wait in ((first, grace), (signal.SIGKILL, 5.0)):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.root.pid, sig)
             family = self.alive()
