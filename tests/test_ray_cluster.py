@@ -20,6 +20,7 @@ import pytest
 from conftest import sim_cfg
 from server.federation.events import read_events
 from server.local import simulation
+from server.local.processes import Family
 
 pytestmark = pytest.mark.slow
 PROBE = ("8.8.8.8", "2001:4860:4860::8888")  # what Ray connects a UDP socket to, to learn its own IP
@@ -120,7 +121,7 @@ def test_simulation_on_a_two_node_ray_cluster(tiny_cfg, tiny_world, tmp_path, eg
         assert code == 0, (run_dir / "simulation.log").read_text()[-3000:]
     finally:
         for proc in started[::-1]:
-            simulation.stop_group(proc)
+            Family(proc).stop()
         for folder in (heads, node2):
             for p in in_session(folder):
                 p.kill()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from server.local.processes import Family
+from server.local.simulation import run_status
 from shared.config import PYPROJECT
 from shared.env import OFFLINE_ENV
 
@@ -156,12 +157,7 @@ class Loopback:
 
     def status(self, run_id: int) -> tuple[str, str]:
         """(status, details) of a run as the SuperLink reports it, e.g. ('finished:failed', 'ServerApp failed ...')."""
-        out = self._cli("list", "fleet", "--run-id", str(run_id), "--format", "json", timeout=60)
-        try:
-            run = json.loads(out.stdout)["runs"][0]
-        except (ValueError, KeyError, IndexError):
-            return "unknown", (out.stdout + out.stderr)[-500:]
-        return run.get("status", "unknown"), run.get("status-details", "")
+        return run_status({**self.env, "FLWR_HOME": str(self.cli_home)}, APP_DIR, "fleet", run_id)
 
     def wait_run(self, run_id: int, timeout: float, every: float = 3.0) -> str:
         """Wait (bounded) for the run to finish; its status. A failed ServerApp raises with Flower's details."""

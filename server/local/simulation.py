@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -158,30 +157,19 @@ def finished(env: dict[str, str], layout: RunDir, seen: int) -> int:
         match = re.search(r"Successfully started run (\d+)", f.read().decode(errors="replace"))
     if not match:
         return 1
-    out = subprocess.run([str(BIN / "flwr"), "list", SUPERLINK, "--run-id", match.group(1), "--format", "json"], env=env,
-                         cwd=layout.root, capture_output=True, text=True, timeout=120)
-    try:
-        run = json.loads(out.stdout)["runs"][0]
-        status, details = run.get("status", "unknown"), run.get("status-details", "")
-    except (ValueError, KeyError, IndexError):
-        status, details = "unknown", (out.stdout + out.stderr)[-2000:]
+    status, details = run_status(env, layout.root, SUPERLINK, int(match.group(1)))
     with open(layout.log, "a") as log:
         log.write(f"\n[fedcam] run {match.group(1)}: {status} {details}\n")
     return 0 if status == "finished:completed" else 1
 
 
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM then SIGKILL the child's whole session: Ray's raylet, GCS and workers included."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-        proc.poll()
+def run_status(env: dict[str, str], cwd: Path, superlink: str, run_id: int) -> tuple[str, str]:
+    """(status, details) of a run as the SuperLink reports it (`flwr list --run-id`), e.g. ('finished:failed',
+    'ServerApp failed ...'); ('unknown', what the CLI said) when it cannot tell."""
+    out = subprocess.run([str(BIN / "flwr"), "list", superlink, "--run-id", str(run_id), "--format", "json"], env=env,
+                         cwd=cwd, capture_output=True, text=True, timeout=120)
+    try:
+        run = json.loads(out.stdout)["runs"][0]
+    except (ValueError, KeyError, IndexError):
+        return "unknown", (out.stdout + out.stderr)[-2000:]
+    return run.get("status", "unknown"), run.get("status-details", "")
