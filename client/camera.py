@@ -51,14 +51,25 @@ def global_model(arrays, config: Mapping[str, Any]):
 def personal_file(node_config: Mapping[str, Any], cfg: Config, model_yaml: Mapping, mode: str) -> Path:
     """A device keeps its personal part beside its frame store (or in node config `personal-dir`), a simulated
     camera under the run folder (so both survive a SuperNode restart and --resume)."""
+    return personal.part_file(_state_folder(node_config, cfg), model_yaml, mode, _camera(node_config))
+
+
+def wire_file(node_config: Mapping[str, Any], cfg: Config, model_yaml: Mapping) -> Path:
+    """Where the camera keeps its copy of the global model and its unsent remainder (fed.compress)."""
+    return personal.part_file(_state_folder(node_config, cfg), model_yaml, "wire", _camera(node_config)).with_suffix(
+        ".npz")
+
+
+def _state_folder(node_config: Mapping[str, Any], cfg: Config) -> Path:
     if "personal-dir" in node_config:
-        folder = Path(str(node_config["personal-dir"]))
-    elif "data-path" in node_config:
-        folder = node_data(node_config, cfg).parent / "personal"
-    else:
-        folder = RunDir(cfg.run_dir).personal
-    camera = str(node_config.get("camera-id", node_config.get("partition-id", "device")))
-    return personal.part_file(folder, model_yaml, mode, camera)
+        return Path(str(node_config["personal-dir"]))
+    if "data-path" in node_config:
+        return node_data(node_config, cfg).parent / "personal"
+    return RunDir(cfg.run_dir).personal
+
+
+def _camera(node_config: Mapping[str, Any]) -> str:
+    return str(node_config.get("camera-id", node_config.get("partition-id", "device")))
 
 
 class PersonalPart:

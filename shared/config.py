@@ -113,6 +113,7 @@ class EvalConfig:
 
 
 PERSONAL_MODES = ("none", "bn", "head", "bn+head")  # fed.personal: what stays on each camera (shared/personal.py)
+COMPRESS_MODES = ("none", "int8", "topk")  # fed.compress: how deltas travel (shared/compress.py)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,9 @@ class FedConfig:
     checkpoint_every: int
     central_every: int
     central_cameras: int
+    compress: str
+    compress_topk: float
+    compress_down: str
 
     @property
     def runs_own_model(self) -> bool:
@@ -155,6 +159,17 @@ class FedConfig:
         if self.personal not in PERSONAL_MODES:
             raise ValueError(f"config key 'fed.personal': '{self.personal}' is not one of "
                              f"{', '.join(PERSONAL_MODES)}")
+        for key, value, allowed in (("compress", self.compress, COMPRESS_MODES),
+                                    ("compress-down", self.compress_down, ("same", *COMPRESS_MODES))):
+            if value not in allowed:
+                raise ValueError(f"config key 'fed.{key}': '{value}' is not one of {', '.join(allowed)}")
+        if not 0 < self.compress_topk <= 1:
+            raise ValueError(f"config key 'fed.compress-topk': {self.compress_topk} is not in (0, 1]")
+
+    @property
+    def downlink(self) -> str:
+        """How the server sends the global model: fed.compress-down, or fed.compress when that says 'same'."""
+        return self.compress if self.compress_down == "same" else self.compress_down
 
 
 @dataclass(frozen=True)

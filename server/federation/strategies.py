@@ -14,7 +14,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum)
 
 from server.federation.events import ClientOutcome, EventBus, client_error
-from shared.arrays import UpdateError, check_compatible, is_packed, layout_of, pack, to_state_dict, unpack
+from server.federation.wire import ServerWire
+from shared.arrays import UpdateError, check_compatible, is_packed, layout_of, to_state_dict, unpack
+from shared.compress import message_bytes
 from shared.config import FedConfig
 from shared.train import round_seed
 
@@ -35,18 +37,20 @@ class FedcamMixin:
     max_update_norm: float | None = None
     wait_timeout: float = 60.0
     personal: frozenset[str] = frozenset()  # keys the cameras keep (fed.personal): replies leave them out
+    wire: ServerWire = ServerWire("none", "none", 0.1, 0)  # fed.compress: how models travel each way
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         rnd = server_round + self.round_offset
         self._wait_for_nodes(grid)
         random.seed(round_seed(self.seed, rnd))  # Flower samples with `random`: make it replayable on resume
-        self._reference = to_state_dict(arrays)
-        self._bytes_down = arrays.count_bytes()
         config["seed"] = round_seed(self.seed, rnd)
         messages = list(super().configure_train(rnd, arrays, config, grid))
-        self._layout, wire = layout_of(arrays), pack(arrays)  # one array per dtype on the wire (see shared/arrays)
-        for m in messages:
-            m.content["arrays"] = wire
+        self._layout = layout_of(arrays)  # one array per dtype on the wire (see shared/arrays)
+        # What the cameras train from: the global model, or with compressed downloads the copy they hold of it.
+        full, delta, base = self.wire.downlink(arrays, rnd)
+        self._reference = to_state_dict(unpack(full, self._layout))
+        self.wire.address(messages, full, delta, base)
+        self._bytes_down = {m.metadata.dst_node_id: message_bytes(m) for m in messages}  # as they travel
         self._sampled = [m.metadata.dst_node_id for m in messages]
         self._sent = messages  # the Grid gives each its message id in place when it pushes them
         self._round_start = time.time()
@@ -101,12 +105,13 @@ class FedcamMixin:
                 continue
             metrics = {k: float(v) for r in msg.content.metric_records.values() for k, v in r.items()
                        if isinstance(v, (int, float))}
-            metrics["bytes-down"] = float(getattr(self, "_bytes_down", 0))
-            metrics["bytes-up"] = float(sum(r.count_bytes() for r in msg.content.array_records.values()))
+            metrics["bytes-down"] = float(getattr(self, "_bytes_down", {}).get(node, 0))
+            metrics["bytes-up"] = float(message_bytes(msg))
             try:
                 if not msg.content.array_records:
                     raise UpdateError("reply carries no weights")
                 key, record = next(iter(msg.content.array_records.items()))
+                record = self.wire.decode_up(record, self._reference, self.personal)  # screened below as it decodes
                 if is_packed(record):
                     record = unpack(record, [item for item in self._layout if item[0] not in self.personal])
                 record = self._with_global_personal(record)
@@ -116,6 +121,7 @@ class FedcamMixin:
                 log.warning("round update from node %d rejected: %s", node, err)
                 outcomes.append(ClientOutcome(node, False, f"update rejected: {err}", metrics))
                 continue
+            self.wire.confirm(node, metrics)
             good.append(msg)
             outcomes.append(ClientOutcome(node, True, "", metrics))
         return good, outcomes
@@ -194,4 +200,5 @@ def make_strategy(f: FedConfig, bus: EventBus, seed: int, round_offset: int = 0,
     strategy.max_update_norm = f.max_update_norm if f.max_update_norm > 0 else None
     strategy.wait_timeout = f.round_timeout
     strategy.personal = frozenset(personal)
+    strategy.wire = ServerWire(f.compress, f.downlink, f.compress_topk, seed)
     return strategy

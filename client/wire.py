@@ -1,0 +1,92 @@
+"""A camera's end of fed.compress: the copy of the global model it holds for compressed downloads, and what its
+top-k uploads left unsent (error feedback), in the node's context.state while it runs and on its disk across restarts."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from shared import compress
+
+log = logging.getLogger("fedcam.client")
+REPLICA, RESIDUAL, META = "fedcam-wire-replica", "fedcam-wire-residual", "fedcam-wire"
+
+
+class WireError(ValueError):
+    """A compressed download this camera cannot apply (it does not hold the model the delta is from)."""
+
+
+class CameraWire:
+    def __init__(self, state: RecordDict, path: Path):
+        self.state, self.path = state, path
+
+    def receive(self, arrays: ArrayRecord, config: Mapping[str, Any]) -> ArrayRecord:
+        """The packed global model from what was sent: the model itself, or a delta from the copy this camera holds."""
+        version, base = str(config.get("down-version", "")), str(config.get("down-base", ""))
+        if compress.is_compressed(arrays):
+            held, held_version = self._replica()
+            if held is None or held_version != base:
+                raise WireError(f"the server sent a delta from global model v{base}, but this camera holds "
+                                f"{'v' + held_version if held is not None else 'none'} ({self.path})")
+            arrays = compress.decode(arrays, held)
+        if version:  # compressed downloads are on: keep what the next delta will be taken from
+            self._keep(REPLICA, arrays, version)
+        return arrays
+
+    def send(self, reply: ArrayRecord, base: ArrayRecord, mode: str, topk: float, seed: int) -> ArrayRecord:
+        """`reply` as a compressed delta from `base`; topk adds what earlier messages left unsent."""
+        if mode == "none":
+            return reply
+        residual = None
+        if mode == "topk" and RESIDUAL in self._loaded():
+            residual = self.state[RESIDUAL]["r"].numpy()
+            if residual.shape != reply[compress.FLOAT].shape:  # another layout (mode, model): start afresh
+                log.warning("unsent remainder of %d values does not fit this reply; dropped", residual.size)
+                residual = None
+        rng = np.random.default_rng([seed, 0xC0DE])  # replayable rounding: a resumed run sends the same bytes
+        payload, left = compress.encode(reply, base, mode, topk, rng, residual)
+        if left is not None:
+            self._keep(RESIDUAL, ArrayRecord({"r": Array(left)}), None)
+        return payload
+
+    # --- state and disk ---------------------------------------------------------------------------------
+    def _replica(self) -> tuple[ArrayRecord | None, str]:
+        loaded = self._loaded()
+        if REPLICA not in loaded:
+            return None, ""
+        return loaded[REPLICA], str(loaded[META]["version"])
+
+    def _loaded(self) -> RecordDict:
+        """context.state, filled from disk the first time this node process looks (a restarted SuperNode)."""
+        if META not in self.state and self.path.is_file():
+            try:
+                with np.load(self.path, allow_pickle=False) as saved:
+                    groups = {k: saved[k] for k in saved.files}
+                self.state[META] = ConfigRecord({"version": str(groups.pop("meta.version"))})
+                for name in (REPLICA, RESIDUAL):
+                    items = {k.split("/", 1)[1]: Array(v) for k, v in groups.items() if k.startswith(name + "/")}
+                    if items:
+                        self.state[name] = ArrayRecord(items)
+            except Exception as err:  # a damaged file: set aside, never overwritten; the server sends in full
+                aside = self.path.with_suffix(".unusable")
+                self.path.replace(aside)
+                log.warning("wire state %s not used (%s); kept as %s", self.path, type(err).__name__, aside)
+        return self.state
+
+    def _keep(self, name: str, record: ArrayRecord, version: str | None) -> None:
+        self.state[name] = record
+        meta = dict(self.state[META]) if META in self.state else {"version": ""}
+        if version is not None:
+            meta["version"] = version
+        self.state[META] = ConfigRecord(meta)
+        groups = {f"{n}/{k}": self.state[n][k].numpy() for n in (REPLICA, RESIDUAL) if n in self.state
+                  for k in self.state[n]}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **groups, **{"meta.version": np.array(meta["version"])})
+        tmp.replace(self.path)  # atomic: a crash mid-write keeps the previous state
