@@ -1,0 +1,73 @@
+"""Bytes on the wire per arm of fed.compress (none, int8, top-k): measured from the serialized Flower messages of real
+simulated rounds, with the final mean camera mAP50 of the global model; one run per arm, same world, seed and start."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shared.env import setup_offline
+
+setup_offline()  # the offline variables, before any library reads them
+from server.federation.events import read_events
+from server.local.baselines import camera_runs_scores
+from shared.cpu_isa import isa_summary
+from shared.run_dir import RunDir
+
+SCENARIOS = Path(__file__).parent / "scenarios"
+DEFAULT_ARMS = ["none=", "int8=fed.compress=int8", "topk10=fed.compress=topk;fed.compress-topk=0.1",
+                "topk1=fed.compress=topk;fed.compress-topk=0.01"]
+
+
+def wire(run_dir: Path) -> tuple[float, float, float, list[float]]:
+    """Mean bytes down (first round apart: it is the whole model), down after it, up, per camera and round; and
+    the global model's mAP50 on the cameras after every round."""
+    trains = [e for e in read_events(RunDir(run_dir).events) if e["kind"] == "train_result"]
+    per = [[c["metrics"] for c in e["data"]["clients"] if c["ok"]] for e in trains]
+    first = statistics.mean(m["bytes-down"] for m in per[0])
+    later = statistics.mean(m["bytes-down"] for ms in per[1:] for m in ms) if len(per) > 1 else first
+    up = statistics.mean(m["bytes-up"] for ms in per for m in ms)
+    curve = [e["data"]["central"].get("map50", float("nan")) for e in read_events(RunDir(run_dir).events)
+             if e["kind"] == "round_end" and e["data"]["central"]]
+    return first, later, up, curve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--scenario", default=str(SCENARIOS / "non_iid.toml"))
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--out", default="runs/bench_compress")
+    ap.add_argument("--arm", action="append", help="NAME=key=value;key=value (default: none, int8, topk 10 %%, 1 %%)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value for every arm")
+    args = ap.parse_args()
+    print(f"instruction sets: {isa_summary()}", flush=True)
+    out, rows = Path(args.out), []
+    common = ["--scenario", args.scenario, "--rounds", str(args.rounds), "--set", "snapshot.enabled=false",
+              *[x for s in args.sets for x in ("--set", s)]]
+    for arm in args.arm or DEFAULT_ARMS:
+        name, _, sets = arm.partition("=")
+        run, t0 = out / name, time.perf_counter()
+        subprocess.run([sys.executable, "-m", "server.cli", "simulate", *common, "--run-dir", str(run), "--timeout",
+                        "7200", "--dashboard-port", "0", *[x for s in sets.split(";") if s for x in ("--set", s)]],
+                       check=True, stdout=subprocess.DEVNULL)
+        score, (first, later, up, curve) = camera_runs_scores(run), wire(run)
+        rows.append((name, score, first, later, up, curve, time.perf_counter() - t0))
+        print(f"{name}: {score['cam-map50']:.3f}, {up / 1024:.0f} KB up", flush=True)
+    base = rows[0]
+    print(f"\n{Path(args.scenario).stem}, {args.rounds} rounds; KB per camera per round, measured from the messages; "
+          f"ratios against {base[0]}")
+    print(f"{'arm':<10}{'down 1st':>10}{'down':>8}{'up':>8}{'down x':>8}{'up x':>7}{'mAP50':>8}{'d mAP50':>9}"
+          f"{'worst drop':>11}{'wall s':>8}")
+    for name, s, first, later, up, curve, wall in rows:
+        drop = max((a - b for a, b in zip(curve, curve[1:])), default=0.0)
+        print(f"{name:<10}{first / 1024:>10.0f}{later / 1024:>8.0f}{up / 1024:>8.0f}{later / base[3]:>8.3f}"
+              f"{up / base[4]:>7.3f}{s['cam-map50']:>8.3f}{s['cam-map50'] - base[1]['cam-map50']:>+9.3f}"
+              f"{drop:>11.3f}{wall:>8.0f}")
+
+
+if __name__ == "__main__":
+    main()
