@@ -207,3 +207,42 @@ def test_the_global_channel_has_a_folder_of_its_own_and_an_older_registry_goes_o
     (old / "latest.json").write_text(json.dumps({"version": "v0001", "sha256": "", "round": 1}))
     legacy = Registry(old, key)
     assert legacy.folder() == old and legacy.latest()["version"] == "v0001"  # its next snapshot goes there too
+
+
+def one_weight_changed(model: Path, out: Path, seed: int) -> Path:
+    """The same graph with one conv's weights moved: what a round does to a snapshot of one structure."""
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(model))
+    init = next(t for t in proto.graph.initializer if len(t.dims) == 4)
+    value = numpy_helper.to_array(init)
+    init.CopyFrom(numpy_helper.from_array(value + np.random.default_rng(seed).normal(0, 1e-3, value.shape)
+                                          .astype(value.dtype), init.name))
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_a_device_downloads_only_what_changed_and_a_bad_delta_costs_a_whole_download(fleet, tiny_cfg):
+    registry, server, (m1, _), tmp = fleet
+    names, key = tiny_cfg.data.names, (registry.root / "server_public_key.pem").read_bytes()
+    agent = Agent(server.url, tmp / "device", key, timeout=5)
+    v1 = publish(registry, m1, names)
+    assert agent.poll_once() == f"updated {v1}" and agent.downloaded > m1.stat().st_size
+    m2 = one_weight_changed(m1, tmp / "m2.onnx", 1)
+    v2 = publish(registry, m2, names)
+    manifest = json.loads((registry.folder() / v2 / "manifest.json").read_text())
+    assert manifest["extra"]["delta"]["from"] == v1  # named in what is signed
+    assert agent.poll_once() == f"updated {v2}"
+    assert agent.downloaded < m2.stat().st_size / 4  # the delta and the manifest, not the model
+    assert sha256_file(tmp / "device" / "snapshots" / v2 / MODEL_FILE) == sha256_file(m2)
+    frame = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    assert agent.detect(frame)[1].version == v2
+    # A delta tampered with on the server: the device notices and downloads the whole model instead.
+    m3 = one_weight_changed(m2, tmp / "m3.onnx", 2)
+    v3 = publish(registry, m3, names)
+    delta = registry.folder() / v3 / f"delta-{v2}.bin"
+    body = bytearray(delta.read_bytes())
+    body[-10] ^= 0xFF
+    delta.write_bytes(bytes(body))
+    assert agent.poll_once() == f"updated {v3}" and agent.downloaded > m3.stat().st_size
+    assert sha256_file(tmp / "device" / "snapshots" / v3 / MODEL_FILE) == sha256_file(m3)

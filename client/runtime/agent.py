@@ -3,6 +3,7 @@ frames, roll back; state survives reboot."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.snapshot.delta import DeltaError, apply_delta, delta_name
 from shared.snapshot.format import (MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Manifest, SnapshotError,
-                                    load_public_key, verify_dir)
+                                    load_public_key, verify_dir, verify_manifest)
 from shared.snapshot.inference import Detector, device_settings
 
 log = logging.getLogger("fedcam.device")
@@ -35,6 +37,7 @@ class Agent:
         self.detector: Detector | None = None
         self.manifest: Manifest | None = None
         self.bad_frames = 0
+        self.downloaded = 0  # bytes the last install fetched
         if self.state.get("current"):  # after a reboot: the last good snapshot, verified again
             self._activate(self.state["current"])
 
@@ -144,9 +147,11 @@ class Agent:
         staging = self.dir / "staging" / ident
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        for name in (MANIFEST_FILE, SIGNATURE_FILE, MODEL_FILE):
-            _, data, _ = self._get(f"{base}/{version}/{name}")
-            (staging / name).write_bytes(data)
+        self.downloaded = 0  # bytes of this install, the delta or the whole model
+        for name in (MANIFEST_FILE, SIGNATURE_FILE):
+            self._fetch(f"{base}/{version}/{name}", staging / name)
+        if not self._rebuild_from_delta(staging, f"{base}/{version}", camera):
+            self._fetch(f"{base}/{version}/{MODEL_FILE}", staging / MODEL_FILE)
         try:  # a bad signature or hash may be a truncated download: retried later, not blacklisted
             manifest = verify_dir(staging, self.key)
             if manifest.version != version:
@@ -174,6 +179,40 @@ class Agent:
         self._save_state()
         self._activate(ident)
         self._prune_old()
+
+    def _fetch(self, path: str, to: Path) -> bytes:
+        _, data, _ = self._get(path)
+        self.downloaded += len(data)
+        to.write_bytes(data)
+        return data
+
+    def _rebuild_from_delta(self, staging: Path, url: str, camera: str | None) -> bool:
+        """The new model from the one this device runs plus the delta the signed manifest names, when it has one
+        from that version; False (download it whole) if there is none or it does not rebuild the signed model."""
+        current = self.state.get("current") or ""
+        held = current.split("@")[-1] if current.startswith(f"{camera}@") or (camera is None and "@" not in current) else ""
+        try:
+            manifest = verify_manifest((staging / MANIFEST_FILE).read_bytes(), (staging / SIGNATURE_FILE).read_bytes(),
+                                       self.key)
+        except SnapshotError:
+            return False  # verify_dir names it after the whole download
+        delta = manifest.extra.get("delta") or {}
+        if not held or delta.get("from") != held:
+            return False
+        try:
+            data = self._fetch(f"{url}/{delta_name(held)}", staging / delta_name(held))
+            if hashlib.sha256(data).hexdigest() != delta.get("sha256"):
+                raise DeltaError("delta's sha256 does not match the signed manifest")
+            model = apply_delta((self.dir / "snapshots" / current / MODEL_FILE).read_bytes(), data)
+            if hashlib.sha256(model).hexdigest() != manifest.sha256:
+                raise DeltaError("the rebuilt model's sha256 does not match the signed manifest")
+        except (OSError, DeltaError) as err:
+            log.warning("delta %s -> %s not used (%s); downloading the whole model", held, manifest.version, err)
+            return False
+        finally:
+            (staging / delta_name(held)).unlink(missing_ok=True)
+        (staging / MODEL_FILE).write_bytes(model)
+        return True
 
     def _prune_old(self) -> None:
         keep = {self.state.get("current"), self.state.get("previous")}

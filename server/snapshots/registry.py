@@ -6,6 +6,8 @@ its own `latest.json` and version numbers. A registry written before the global 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -15,6 +17,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+from shared.snapshot.delta import delta_name, make_delta
 from shared.snapshot.format import (MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Manifest, load_or_create_key,
                                     public_pem, sign)
 
@@ -87,6 +90,7 @@ class Registry:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         shutil.copyfile(model, tmp / MODEL_FILE)
+        manifest = self._with_delta(manifest, root, tmp)
         (tmp / MANIFEST_FILE).write_bytes(manifest.to_bytes())
         (tmp / SIGNATURE_FILE).write_bytes(sign(manifest, self.key))
         tmp.rename(folder)  # atomic: a reader sees the whole folder or none
@@ -96,6 +100,21 @@ class Registry:
         tmp_ptr.write_text(json.dumps(pointer))
         os.replace(tmp_ptr, root / LATEST)
         return folder
+
+    def _with_delta(self, manifest: Manifest, root: Path, tmp: Path) -> Manifest:
+        """A delta from the channel's current version, when it is smaller than the model: named, sized and hashed
+        in the manifest, so the signature covers it as well as the model it rebuilds."""
+        pointer = self.latest_in(root)
+        previous = root / pointer["version"] / MODEL_FILE if pointer else None
+        if previous is None or not previous.is_file():
+            return manifest
+        delta = make_delta(previous.read_bytes(), (tmp / MODEL_FILE).read_bytes())
+        if len(delta) >= manifest.size:
+            return manifest
+        (tmp / delta_name(pointer["version"])).write_bytes(delta)
+        extra = {**manifest.extra, "delta": {"from": pointer["version"], "size": len(delta),
+                                             "sha256": hashlib.sha256(delta).hexdigest()}}
+        return dataclasses.replace(manifest, extra=extra)
 
     def reject(self, manifest: Manifest, reason: str, camera: str | None = None) -> None:
         """A gate failure is recorded with its figures; nothing is published."""
@@ -124,7 +143,11 @@ class Registry:
             return [dict(r) for r in db.execute("SELECT * FROM camera_snapshots ORDER BY seq")]
 
     def latest(self, camera: str | None = None) -> dict | None:
-        p = self.folder(camera) / LATEST
+        return self.latest_in(self.folder(camera))
+
+    @staticmethod
+    def latest_in(root: Path) -> dict | None:
+        p = root / LATEST
         return json.loads(p.read_text()) if p.exists() else None
 
 

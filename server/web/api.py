@@ -14,6 +14,7 @@ from shared.snapshot.format import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE
 FILES = {MODEL_FILE: "application/octet-stream", MANIFEST_FILE: "application/json",
          SIGNATURE_FILE: "application/octet-stream"}
 VERSION = re.compile(r"^v\d{4,}$")
+DELTA = re.compile(r"^delta-v\d{4,}\.bin$")  # the model as a difference from an earlier version (shared/snapshot/delta.py)
 
 
 def create_app(registry_root: Path | str, run_dir: Path | str | None = None) -> FastAPI:
@@ -41,13 +42,13 @@ def create_app(registry_root: Path | str, run_dir: Path | str | None = None) -> 
         return Response(body, media_type="application/json", headers={"ETag": etag, "Cache-Control": "no-cache"})
 
     def file_of(camera: str | None, version: str, name: str) -> FileResponse:
-        if not VERSION.match(version) or name not in FILES:  # no path tricks: only known names
+        if not VERSION.match(version) or not (name in FILES or DELTA.match(name)):  # no path tricks: known names
             raise HTTPException(404, "no such snapshot file")
         path = registry.folder(camera) / version / name
         if not path.is_file():
             raise HTTPException(404, f"snapshot {version} has no {name}")
         # Snapshot folders are immutable, so a file's ETag never changes.
-        return FileResponse(path, media_type=FILES[name], headers={"Cache-Control": "public, max-age=31536000, immutable"})
+        return FileResponse(path, media_type=FILES.get(name, "application/octet-stream"), headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
     def camera_id(camera: str) -> str:
         try:
