@@ -39,7 +39,8 @@ def test_deployment_tls_auth_two_rounds_with_a_node_killed_and_restarted(tmp_pat
     run_dir = tmp_path / "run"
     cfg = sim_cfg(tiny_cfg, tiny_world, run_dir, **{"fed.round-timeout": 240.0, "fed.rounds": 3, "snapshot.recover-epochs": 0,
                                                     "snapshot.tolerance": 1.0,  # gating is tested elsewhere
-                                                    "snapshot.per-camera": True})
+                                                    "snapshot.per-camera": True,
+                                                    "fed.compress": "int8"})  # deltas both ways (tests/test_compress.py)
     flat = {k: v for k, v in to_flat(cfg).items() if k != "resume"}
     egress = tmp_path / "egress.jsonl"
     env = {"LD_PRELOAD": str(egress_shim), "FEDCAM_EGRESS_LOG": str(egress)}
@@ -78,6 +79,12 @@ def test_deployment_tls_auth_two_rounds_with_a_node_killed_and_restarted(tmp_pat
         trains = kinds(run_dir, "train_result")
         assert [t["round"] for t in trains] == [1, 2, 3]
         assert [t["data"]["accepted"] for t in trains][::2] == [2, 2] and trains[1]["data"]["accepted"] >= 1
+        # int8 deltas on the Deployment Engine: every upload is a quarter of a whole download or less; in round 3 a
+        # node that confirmed round 2's copy gets a delta from it, the restarted one the whole model if it missed it.
+        down = [[c["metrics"]["bytes-down"] for c in t["data"]["clients"] if c["ok"]] for t in trains]
+        whole = max(down[0])
+        assert all(c["metrics"]["bytes-up"] < whole / 4 for t in trains for c in t["data"]["clients"] if c["ok"])
+        assert min(down[2]) < whole / 4, down
         snap = wait_for(lambda: kinds(run_dir, "snapshot"), 300, "the snapshot")[0]
         assert snap["round"] == 3 and snap["data"]["published"], snap["data"]
         latest = json.loads((run_dir / "snapshots" / "global" / "latest.json").read_text())
