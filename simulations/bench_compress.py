@@ -4,6 +4,7 @@ simulated rounds, with the final mean camera mAP50 of the global model; one run 
 from __future__ import annotations
 
 import argparse
+import gzip
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,30 @@ def main() -> None:
         print(f"{name:<10}{first / 1024:>10.0f}{later / 1024:>8.0f}{up / 1024:>8.0f}{later / base[3]:>8.3f}"
               f"{up / base[4]:>7.3f}{s['cam-map50']:>8.3f}{s['cam-map50'] - base[1]['cam-map50']:>+9.3f}"
               f"{drop:>11.3f}{wall:>8.0f}")
+    snapshot_bytes(out / base[0], args.rounds, args.sets)
+
+
+def snapshot_bytes(run: Path, rounds: int, sets: list[str]) -> None:
+    """Two snapshots of consecutive rounds of one structure (no post-round pruning): bytes of the int8 ONNX, of it
+    gzipped, and of the delta a device that runs the first downloads for the second."""
+    from shared.snapshot.format import MODEL_FILE, Manifest
+
+    registry = run / "bench_snapshots"
+    flat = ["--set", f"snapshot.dir={registry}", "--set", "snapshot.prune-ratio=0", "--set", "snapshot.tolerance=1",
+            *[x for s in sets for x in ("--set", s)]]
+    for rnd in (rounds - 1, rounds):
+        subprocess.run([sys.executable, "-m", "server.cli", "snapshot", "--checkpoint",
+                        str(RunDir(run).checkpoints / f"global_r{rnd:04d}.pt"), "--run", str(run), "--round", str(rnd),
+                        *flat], check=True, stdout=subprocess.DEVNULL)
+    folders = sorted(p for p in (registry / "global").iterdir() if p.name.startswith("v"))[-2:]
+    print(f"\nsnapshots of rounds {rounds - 1} and {rounds} ({run.name} arm), bytes a device downloads:")
+    for folder in folders:
+        m = Manifest.from_bytes((folder / "manifest.json").read_bytes())
+        model = (folder / MODEL_FILE).read_bytes()
+        delta = m.extra.get("delta")
+        print(f"  {m.version}: int8 ONNX {len(model) / 1024:.0f} KB, gzip -9 {len(gzip.compress(model, 9)) / 1024:.0f}"
+              f" KB, delta from {delta['from'] + ' ' + format(delta['size'] / 1024, '.0f') + ' KB' if delta else '-'};"
+              f" mAP50 int8 {m.map50_int8:.3f} (fp32 {m.map50_fp32:.3f})")
 
 
 if __name__ == "__main__":
