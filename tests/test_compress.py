@@ -213,3 +213,17 @@ def test_a_compressed_run_through_the_simulation_engine(tiny_cfg, tiny_world, tm
     assert all(d < whole / 3 for d in down[1] + down[2]), down
     assert all(u < whole / 5 for u in up), (up, whole)
     assert len(list((tmp_path / "run" / "personal").glob("*wire*.npz"))) == 2
+
+
+def test_a_cameras_unsent_remainder_survives_a_restart(tmp_path):
+    rng = np.random.default_rng(5)
+    base, path = flat(model_like(rng, 3000)), tmp_path / "wire.npz"
+    d1, d2 = model_like(rng, 3000) * 1e-2, model_like(rng, 3000) * 1e-2
+    first = CameraWire(RecordDict(), path).send(flat(base["packed.float32"].numpy() + d1), base, "topk", 0.1, 1)
+    again = CameraWire(RecordDict(), path)  # a new ClientApp process: the remainder comes from disk
+    second = again.send(flat(base["packed.float32"].numpy() + d2), base, "topk", 0.1, 2)
+    sent = [compress.decode(p, base)["packed.float32"].numpy() - base["packed.float32"].numpy()
+            for p in (first, second)]
+    left = again.state["fedcam-wire-residual"]["r"].numpy()
+    assert np.allclose(sent[0] + sent[1] + left, d1 + d2, atol=1e-6)
+    assert np.abs(left).max() > 0 and path.is_file()
