@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import sys
 import time
 
@@ -16,8 +15,10 @@ from flwr.clientapp import ClientApp
 from shared.env import setup_offline
 
 setup_offline()  # the offline variables, before any library reads them
+from client.wire import compression_mod  # noqa: E402
 
-app = ClientApp()
+# fed.compress as a mod: the task code below sees the whole global model and answers with its own weights.
+app = ClientApp(mods=[compression_mod])
 
 
 def personal_part(model, config, context: Context, cfg):
@@ -51,21 +52,14 @@ def train(msg: Message, context: Context) -> Message:
     started, stage = time.time(), Stages()
     with stage("import"):
         from client import camera  # torch/Ultralytics load on first message, not at import
-        from client import wire as camera_wire
         from shared.arrays import is_packed, pack
-        from shared.compress import checksum
         from shared.config import load_config
     with stage("setup"):  # run config, the global model rebuilt from its yaml, the camera's data and personal part
         cfg = load_config(context.run_config)
         config = msg.content["config"]
-        compress = str(config.get("compress", "none"))
-        wire = camera_wire.CameraWire(context.state, camera.wire_file(context.node_config, cfg,
-                                                                      json.loads(str(config["model-yaml"]))))
-        received = wire.receive(msg.content["arrays"], config)  # a compressed download is applied to the held copy
-        model = camera.global_model(received, config)
+        model = camera.global_model(msg.content["arrays"], config)
         data = camera.node_data(context.node_config, cfg)
         part = personal_part(model, config, context, cfg)
-        base = pack(part.shared(model)) if compress != "none" and is_packed(received) else None  # what the compressed delta is taken from
     # The received global model's score on this camera: Flower's evaluate stage without a second message.
     first = bool(config.get("evaluate-first", False))
     with stage("eval"):
@@ -98,12 +92,7 @@ def train(msg: Message, context: Context) -> Message:
     with stage("reply"):
         part.keep(model, runs)
         reply = part.shared(model)  # the personal part never leaves the camera
-        reply = pack(reply) if is_packed(received) else reply  # answer in the format it came in
-        if base is not None:
-            reply = wire.send(reply, base, compress, float(config.get("compress-topk", 0.1)),
-                              int(config.get("seed", 0)))
-    if "down-version" in config:  # the copy this camera now holds: the server checks it holds the same
-        metrics["replica-crc"] = checksum(received)
+        reply = pack(reply) if is_packed(msg.content["arrays"]) else reply  # answer in the format it came in
     metrics.update({f"global-{k}": v for k, v in before.items()})
     metrics.update({f"own-{k}": v for k, v in own.items()})
     metrics["personal-kept"] = float(source != "global")  # 0: a first round, a late joiner or a reset part

@@ -3,14 +3,14 @@ top-k uploads left unsent (error feedback), in the node's context.state while it
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-
-from shared import compress
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 log = logging.getLogger("fedcam.client")
 REPLICA, RESIDUAL, META = "fedcam-wire-replica", "fedcam-wire-residual", "fedcam-wire"
@@ -20,12 +20,52 @@ class WireError(ValueError):
     """A compressed download this camera cannot apply (it does not hold the model the delta is from)."""
 
 
+def compression_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower ClientApp mod for train messages: a compressed download becomes the whole global model before the
+    app sees it, and the app's reply leaves as a compressed delta from it (fed.compress). Everything else passes."""
+    config = msg.content["config"] if msg.has_content() and "config" in msg.content.config_records else {}
+    mode = str(config.get("compress", "none"))
+    if msg.metadata.message_type != "train" or (mode == "none" and "down-version" not in config):
+        return call_next(msg, context)
+    from client.camera import wire_file  # torch and the codec load with the first compressed message
+    from shared import compress
+    from shared.config import load_config
+
+    model_yaml = json.loads(str(config["model-yaml"]))
+    wire = CameraWire(context.state, wire_file(context.node_config, load_config(context.run_config), model_yaml))
+    received = wire.receive(msg.content["arrays"], config)  # an error here is the message's error reply
+    msg.content["arrays"] = received
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    if "down-version" in config:  # the copy this camera now holds: the server checks it holds the same
+        reply.content["metrics"]["replica-crc"] = compress.checksum(received)
+    if mode != "none":
+        seed, topk = int(config.get("seed", 0)), float(config.get("compress-topk", 0.1))
+        base = shared_part(received, model_yaml, list(config["names"]), str(config.get("personal", "none")))
+        reply.content["arrays"] = wire.send(reply.content["arrays"], base, mode, topk, seed)
+    return reply
+
+
+def shared_part(received: ArrayRecord, model_yaml, names: list[str], mode: str) -> ArrayRecord:
+    """The packed received model without the keys the camera keeps (fed.personal): what the reply's delta is from."""
+    from shared import models, personal
+    from shared.arrays import layout_of, pack, to_record, unpack
+
+    model = models.build(model_yaml, names)  # the layout only: the server built the model from the same yaml
+    keep = set(personal.personal_keys(model, mode)) if mode != "none" else set()
+    full = unpack(received, layout_of(to_record(model)))
+    return pack(ArrayRecord(OrderedDict((k, full[k]) for k in full if k not in keep)))
+
+
 class CameraWire:
     def __init__(self, state: RecordDict, path: Path):
         self.state, self.path = state, path
 
     def receive(self, arrays: ArrayRecord, config: Mapping[str, Any]) -> ArrayRecord:
         """The packed global model from what was sent: the model itself, or a delta from the copy this camera holds."""
+        from shared import compress
+
         version, base = str(config.get("down-version", "")), str(config.get("down-base", ""))
         if compress.is_compressed(arrays):
             held, held_version = self._replica()
@@ -39,6 +79,8 @@ class CameraWire:
 
     def send(self, reply: ArrayRecord, base: ArrayRecord, mode: str, topk: float, seed: int) -> ArrayRecord:
         """`reply` as a compressed delta from `base`; topk adds what earlier messages left unsent."""
+        from shared import compress
+
         if mode == "none":
             return reply
         residual = None
