@@ -98,8 +98,12 @@ class SnapshotConfig:
     timeout: float
     dir: str
     key_path: str
+    cluster: int
+    cluster_epochs: int
 
     def __post_init__(self) -> None:
+        if self.cluster != 0 and not 2 <= self.cluster <= 256:
+            raise ValueError(f"config key 'snapshot.cluster': {self.cluster} is neither 0 (off) nor 2..256 values")
         if self.importance not in ("magnitude", "taylor"):
             raise ValueError(f"config key 'snapshot.importance': '{self.importance}' is neither 'magnitude' nor 'taylor'")
 

@@ -20,6 +20,7 @@ from shared.cpu_isa import isa_summary
 from shared.run_dir import RunDir
 
 SCENARIOS = Path(__file__).parent / "scenarios"
+CLUSTER = 16  # shared values per conv for the weight-shared snapshot
 DEFAULT_ARMS = ["none=", "int8=fed.compress=int8", "topk10=fed.compress=topk;fed.compress-topk=0.1",
                 "topk1=fed.compress=topk;fed.compress-topk=0.01"]
 
@@ -79,18 +80,21 @@ def snapshot_bytes(run: Path, rounds: int, sets: list[str]) -> None:
     registry = run / "bench_snapshots"
     flat = ["--set", f"snapshot.dir={registry}", "--set", "snapshot.prune-ratio=0", "--set", "snapshot.tolerance=1",
             *[x for s in sets for x in ("--set", s)]]
-    for rnd in (rounds - 1, rounds):
+    # rounds N-1 and N plain (the second carries the delta from the first), then round N weight-shared
+    for rnd, more in ((rounds - 1, []), (rounds, []), (rounds, ["--set", f"snapshot.cluster={CLUSTER}"])):
         subprocess.run([sys.executable, "-m", "server.cli", "snapshot", "--checkpoint",
                         str(RunDir(run).checkpoints / f"global_r{rnd:04d}.pt"), "--run", str(run), "--round", str(rnd),
-                        *flat], check=True, stdout=subprocess.DEVNULL)
-    folders = sorted(p for p in (registry / "global").iterdir() if p.name.startswith("v"))[-2:]
-    print(f"\nsnapshots of rounds {rounds - 1} and {rounds} ({run.name} arm), bytes a device downloads:")
+                        *flat, *more], check=True, stdout=subprocess.DEVNULL)
+    folders = sorted(p for p in (registry / "global").iterdir() if p.name.startswith("v"))[-3:]
+    print(f"\nsnapshots of rounds {rounds - 1}, {rounds} and {rounds} with {CLUSTER} shared values per conv "
+          f"({run.name} arm): bytes a device downloads")
     for folder in folders:
         m = Manifest.from_bytes((folder / "manifest.json").read_bytes())
         model = (folder / MODEL_FILE).read_bytes()
-        delta = m.extra.get("delta")
+        delta, packed = m.extra.get("delta"), m.extra.get("packed")
         print(f"  {m.version}: int8 ONNX {len(model) / 1024:.0f} KB, gzip -9 {len(gzip.compress(model, 9)) / 1024:.0f}"
-              f" KB, delta from {delta['from'] + ' ' + format(delta['size'] / 1024, '.0f') + ' KB' if delta else '-'};"
+              f" KB, delta from {delta['from'] + ' ' + format(delta['size'] / 1024, '.0f') + ' KB' if delta else '-'},"
+              f" packed {format(packed['size'] / 1024, '.0f') + ' KB' if packed else '-'};"
               f" mAP50 int8 {m.map50_int8:.3f} (fp32 {m.map50_fp32:.3f})")
 
 

@@ -246,3 +246,35 @@ def test_a_device_downloads_only_what_changed_and_a_bad_delta_costs_a_whole_down
     delta.write_bytes(bytes(body))
     assert agent.poll_once() == f"updated {v3}" and agent.downloaded > m3.stat().st_size
     assert sha256_file(tmp / "device" / "snapshots" / v3 / MODEL_FILE) == sha256_file(m3)
+
+
+def test_a_weight_shared_snapshot_downloads_as_indices_and_codebooks(fleet, tiny_cfg, tiny_student):
+    from server.snapshots.cluster import freeze_shared, share_weights
+    from server.snapshots.export import quantize
+
+    registry, server, _, tmp = fleet
+    names, key = tiny_cfg.data.names, (registry.root / "server_public_key.pem").read_bytes()
+    share_weights(tiny_student, 16)
+    freeze_shared(tiny_student)
+    frames = np.random.default_rng(0).integers(0, 255, (8, 3, 64, 64), dtype=np.uint8)
+    model = quantize(export_onnx(tiny_student, tmp / "shared_fp32.onnx", 64, {}), tmp / "shared.onnx", frames,
+                     "x86", "static", 3)
+
+    def publish_shared() -> str:
+        version = registry.next_version()
+        registry.publish(Manifest(version=version, round=1, target="x86", sha256=sha256_file(model),
+                                  size=model.stat().st_size, imgsz=64, names=names, map50_fp32=0, map50_int8=0,
+                                  map_fp32=0, map_int8=0, latency_ms=0, created=now_iso(), parent_checkpoint="",
+                                  extra={"cluster": 16}), model)
+        return version
+
+    v1 = publish_shared()
+    agent = Agent(server.url, tmp / "device", key, timeout=5)
+    assert agent.poll_once() == f"updated {v1}" and agent.downloaded < model.stat().st_size * 0.6
+    assert sha256_file(tmp / "device" / "snapshots" / v1 / MODEL_FILE) == sha256_file(model)
+    # Tampered on the server: the packed form no longer matches what is signed, so the whole model comes instead.
+    fresh = Agent(server.url, tmp / "device2", key, timeout=5)
+    packed = registry.folder() / v1 / "model.packed"
+    packed.write_bytes(packed.read_bytes()[:-1] + b"\0")
+    assert fresh.poll_once() == f"updated {v1}" and fresh.downloaded > model.stat().st_size
+    assert sha256_file(tmp / "device2" / "snapshots" / v1 / MODEL_FILE) == sha256_file(model)

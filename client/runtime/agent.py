@@ -19,6 +19,7 @@ from shared.snapshot.delta import DeltaError, apply_delta, delta_name
 from shared.snapshot.format import (MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Manifest, SnapshotError,
                                     load_public_key, verify_dir, verify_manifest)
 from shared.snapshot.inference import Detector, device_settings
+from shared.snapshot.packed import PACKED_FILE, PackedError, unpack_model
 
 log = logging.getLogger("fedcam.device")
 BAD_FRAMES_BEFORE_ROLLBACK = 3
@@ -150,8 +151,15 @@ class Agent:
         self.downloaded = 0  # bytes of this install, the delta or the whole model
         for name in (MANIFEST_FILE, SIGNATURE_FILE):
             self._fetch(f"{base}/{version}/{name}", staging / name)
-        if not self._rebuild_from_delta(staging, f"{base}/{version}", camera):
-            self._fetch(f"{base}/{version}/{MODEL_FILE}", staging / MODEL_FILE)
+        url = f"{base}/{version}"
+        try:  # what the signed manifest offers besides the whole model: a delta from this device's, a packed form
+            signed = verify_manifest((staging / MANIFEST_FILE).read_bytes(), (staging / SIGNATURE_FILE).read_bytes(),
+                                     self.key)
+        except SnapshotError:
+            signed = None  # verify_dir below names the failure, after the whole download
+        if not (signed and (self._rebuild_from_delta(staging, url, camera, signed)
+                            or self._rebuild_from_packed(staging, url, signed))):
+            self._fetch(f"{url}/{MODEL_FILE}", staging / MODEL_FILE)
         try:  # a bad signature or hash may be a truncated download: retried later, not blacklisted
             manifest = verify_dir(staging, self.key)
             if manifest.version != version:
@@ -186,16 +194,11 @@ class Agent:
         to.write_bytes(data)
         return data
 
-    def _rebuild_from_delta(self, staging: Path, url: str, camera: str | None) -> bool:
+    def _rebuild_from_delta(self, staging: Path, url: str, camera: str | None, manifest: Manifest) -> bool:
         """The new model from the one this device runs plus the delta the signed manifest names, when it has one
         from that version; False (download it whole) if there is none or it does not rebuild the signed model."""
         current = self.state.get("current") or ""
         held = current.split("@")[-1] if current.startswith(f"{camera}@") or (camera is None and "@" not in current) else ""
-        try:
-            manifest = verify_manifest((staging / MANIFEST_FILE).read_bytes(), (staging / SIGNATURE_FILE).read_bytes(),
-                                       self.key)
-        except SnapshotError:
-            return False  # verify_dir names it after the whole download
         delta = manifest.extra.get("delta") or {}
         if not held or delta.get("from") != held:
             return False
@@ -211,6 +214,26 @@ class Agent:
             return False
         finally:
             (staging / delta_name(held)).unlink(missing_ok=True)
+        (staging / MODEL_FILE).write_bytes(model)
+        return True
+
+    def _rebuild_from_packed(self, staging: Path, url: str, manifest: Manifest) -> bool:
+        """A weight-shared model from its indices + codebooks, when the signed manifest names them; False (download
+        it whole) if there are none or they do not rebuild the signed model."""
+        packed = manifest.extra.get("packed") or {}
+        if not packed:
+            return False
+        try:
+            _, data, _ = self._get(f"{url}/{PACKED_FILE}")
+            self.downloaded += len(data)
+            if hashlib.sha256(data).hexdigest() != packed.get("sha256"):
+                raise PackedError("packed model's sha256 does not match the signed manifest")
+            model = unpack_model(data)
+            if hashlib.sha256(model).hexdigest() != manifest.sha256:
+                raise PackedError("the rebuilt model's sha256 does not match the signed manifest")
+        except (OSError, PackedError) as err:
+            log.warning("packed %s not used (%s); downloading the whole model", manifest.version, err)
+            return False
         (staging / MODEL_FILE).write_bytes(model)
         return True
 

@@ -100,6 +100,7 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
                             extra={"prune_ratio": ratio, "params": cand.params, "params_unpruned": params_unpruned,
                                    "method": s.method, "float_layers": s.float_layers,
                                    "int8_convs": cand.graph.int8_convs, "float_convs": cand.graph.float_convs,
+                                   "cluster": s.cluster,
                                    "rejected_candidates": failed})
         published = drop <= s.tolerance
         if published:
@@ -152,6 +153,11 @@ def _candidate(dense, ratio: float, cfg: Config, frames: np.ndarray, work: Path,
     s = cfg.snapshot
     steps = lambda done, total, _loss: progress(f"prune {ratio:.0%}: recovering", done, total)  # noqa: E731
     model = pruned_student(dense, ratio, cfg, progress=steps) if ratio > 0 else dense
+    if s.cluster:  # weight sharing: the int8 model then packs into indices + codebooks (shared/snapshot/packed.py)
+        from server.snapshots.cluster import clustered_student
+
+        shares = lambda done, total, _loss: progress(f"prune {ratio:.0%}: sharing weights", done, total)  # noqa: E731
+        model = clustered_student(model, dense, cfg, progress=shares)
     progress(f"prune {ratio:.0%}: export and int8 quantization", 0, 1)
     work.mkdir(parents=True, exist_ok=True)
     fp32 = export_onnx(model, work / "fp32.onnx", cfg.data.imgsz, metadata)

@@ -18,6 +18,7 @@ from contextlib import closing
 from pathlib import Path
 
 from shared.snapshot.delta import delta_name, make_delta
+from shared.snapshot.packed import PACKED_FILE, pack_model, unpack_model
 from shared.snapshot.format import (MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Manifest, load_or_create_key,
                                     public_pem, sign)
 
@@ -90,7 +91,7 @@ class Registry:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         shutil.copyfile(model, tmp / MODEL_FILE)
-        manifest = self._with_delta(manifest, root, tmp)
+        manifest = self._with_packed(self._with_delta(manifest, root, tmp), tmp)
         (tmp / MANIFEST_FILE).write_bytes(manifest.to_bytes())
         (tmp / SIGNATURE_FILE).write_bytes(sign(manifest, self.key))
         tmp.rename(folder)  # atomic: a reader sees the whole folder or none
@@ -114,6 +115,19 @@ class Registry:
         (tmp / delta_name(pointer["version"])).write_bytes(delta)
         extra = {**manifest.extra, "delta": {"from": pointer["version"], "size": len(delta),
                                              "sha256": hashlib.sha256(delta).hexdigest()}}
+        return dataclasses.replace(manifest, extra=extra)
+
+    @staticmethod
+    def _with_packed(manifest: Manifest, tmp: Path) -> Manifest:
+        """A weight-shared model (snapshot.cluster) also as indices + codebooks, checked to rebuild it exactly."""
+        if not manifest.extra.get("cluster"):
+            return manifest
+        model = (tmp / MODEL_FILE).read_bytes()
+        packed = pack_model(model)
+        if packed is None or unpack_model(packed) != model:
+            return manifest
+        (tmp / PACKED_FILE).write_bytes(packed)
+        extra = {**manifest.extra, "packed": {"size": len(packed), "sha256": hashlib.sha256(packed).hexdigest()}}
         return dataclasses.replace(manifest, extra=extra)
 
     def reject(self, manifest: Manifest, reason: str, camera: str | None = None) -> None:

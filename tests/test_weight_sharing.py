@@ -1,0 +1,67 @@
+"""snapshot.cluster: k shared values per conv survive int8, pack into indices + codebooks, and rebuild exactly."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from server.snapshots.cluster import freeze_shared, kmeans_1d, share_weights
+from server.snapshots.export import export_onnx, quantize
+from server.snapshots.pipeline import calibration_frames, make_snapshot
+from server.snapshots.registry import Registry
+from shared.snapshot.packed import PACKED_FILE, PackedError, pack_model, unpack_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_kmeans_gives_each_weight_its_nearest_of_k_values():
+    w = torch.randn(64, 32, 3, 3)
+    centroids, index = kmeans_1d(w, 16)
+    assert centroids.shape == (16,) and torch.all(centroids[1:] >= centroids[:-1])
+    nearest = (w.reshape(-1, 1) - centroids).abs().argmin(dim=1).reshape(w.shape)
+    assert torch.equal(centroids[index], centroids[nearest])
+    assert float((centroids[index] - w).abs().mean()) < float(w.abs().mean()) / 5
+
+
+def int8_of(model, cfg, path):
+    fp32 = export_onnx(model, path.with_name(path.stem + "_fp32.onnx"), cfg.data.imgsz, {})
+    return quantize(fp32, path, calibration_frames(cfg), "x86", "static", cfg.snapshot.float_layers).read_bytes()
+
+
+def test_shared_weights_stay_few_through_int8_and_pack_exactly(trained, tmp_path):
+    cfg, model, _ = trained
+    shared = copy.deepcopy(model)
+    assert share_weights(shared, 16) > 0
+    freeze_shared(shared)
+    convs = [m for m in shared.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 64]
+    assert all(len(torch.unique(m.weight)) <= 16 for m in convs)
+    plain, clustered = int8_of(model, cfg, tmp_path / "plain.onnx"), int8_of(shared, cfg, tmp_path / "shared.onnx")
+    weights = [numpy_helper.to_array(t) for t in onnx.load_from_string(clustered).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert weights and all(len(np.unique(w[c])) <= 16 for w in weights for c in range(w.shape[0]))
+    packed = pack_model(clustered)
+    assert packed is not None and unpack_model(packed) == clustered  # byte for byte: the same sha256
+    assert len(packed) < 0.6 * len(gzip.compress(plain, 9))
+    assert pack_model(plain) is None or len(pack_model(plain)) > len(packed)
+    for bad in (packed[:-20], packed[:8] + b"x" + packed[9:], b"FCP1" + packed[4:6]):
+        with pytest.raises(PackedError):
+            unpack_model(bad)
+
+
+def test_a_clustered_snapshot_is_gated_signed_and_published_with_its_packed_form(trained, tmp_path):
+    cfg, model, _ = trained
+    registry = Registry(tmp_path / "snapshots", tmp_path / "key.pem")
+    result = make_snapshot(model, cfg.replace(**{"snapshot.prune-ratio": 0.0, "snapshot.tolerance": 1.0,
+                                                 "snapshot.cluster": 16, "snapshot.cluster-epochs": 1}),
+                           1, "", registry)
+    assert result.published and result.manifest.extra["cluster"] == 16
+    folder = registry.folder() / result.manifest.version
+    packed = result.manifest.extra["packed"]
+    assert (folder / PACKED_FILE).stat().st_size == packed["size"] < result.manifest.size / 2
+    assert unpack_model((folder / PACKED_FILE).read_bytes()) == (folder / "model.onnx").read_bytes()
