@@ -129,10 +129,10 @@ def test_agent_swaps_rejects_rolls_back_and_survives_outages(fleet, tiny_cfg):
 
     # tampered after signing: refused, old one keeps serving, retried later (not blacklisted)
     v3 = publish(registry, m1, names)
-    served = registry.folder() / v3 / MODEL_FILE
-    data = bytearray(served.read_bytes())
-    data[100] ^= 0xFF
-    served.write_bytes(bytes(data))
+    for served in [registry.folder() / v3 / MODEL_FILE, *(registry.folder() / v3).glob("delta-*.bin")]:
+        data = bytearray(served.read_bytes())  # the model and any delta that rebuilds it
+        data[-100] ^= 0xFF
+        served.write_bytes(bytes(data))
     with pytest.raises(SnapshotError, match="sha256"):
         agent.poll_once()
     assert agent.detect(frame)[1].version == v2 and v3 not in agent.state["bad"]

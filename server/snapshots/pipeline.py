@@ -23,7 +23,7 @@ from shared.evaluate import TorchPredictor, evaluate
 from shared.models import count_params
 from shared.pruned import KEY, unpruned
 from shared.run_dir import RunDir
-from shared.snapshot.format import Manifest, sha256_file
+from shared.snapshot.format import MANIFEST_FILE, Manifest, sha256_file
 from shared.snapshot.inference import Detector
 from shared.train import Progress, TrainSpec
 
@@ -103,8 +103,9 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
                                    "cluster": s.cluster,
                                    "rejected_candidates": failed})
         published = drop <= s.tolerance
-        if published:
-            registry.publish(manifest, cand.path)
+        if published:  # what was signed: the registry adds its delta and packed forms to the manifest
+            folder = registry.publish(manifest, cand.path)
+            manifest = Manifest.from_bytes((folder / MANIFEST_FILE).read_bytes())
         else:
             registry.reject(manifest, "; ".join(failed))
     reason = "; ".join(failed)
