@@ -62,13 +62,15 @@ def main() -> None:
     base = rows[0]
     print(f"\n{Path(args.scenario).stem}, {args.rounds} rounds; KB per camera per round, measured from the messages; "
           f"ratios against {base[0]}")
+    # mAP50: mean over cameras of what each runs (camera_runs_scores); pooled: the server's central score of the
+    # global model on all cameras' val frames, whose worst drop between consecutive rounds is shown too
     print(f"{'arm':<10}{'down 1st':>10}{'down':>8}{'up':>8}{'down x':>8}{'up x':>7}{'mAP50':>8}{'d mAP50':>9}"
-          f"{'worst drop':>11}{'wall s':>8}")
+          f"{'pooled':>8}{'d pooled':>9}{'worst drop':>11}{'wall s':>8}")
     for name, s, first, later, up, curve, wall in rows:
         drop = max((a - b for a, b in zip(curve, curve[1:])), default=0.0)
         print(f"{name:<10}{first / 1024:>10.0f}{later / 1024:>8.0f}{up / 1024:>8.0f}{later / base[3]:>8.3f}"
               f"{up / base[4]:>7.3f}{s['cam-map50']:>8.3f}{s['cam-map50'] - base[1]['cam-map50']:>+9.3f}"
-              f"{drop:>11.3f}{wall:>8.0f}")
+              f"{curve[-1]:>8.3f}{curve[-1] - base[5][-1]:>+9.3f}{drop:>11.3f}{wall:>8.0f}")
     snapshot_bytes(out / base[0], args.rounds, args.sets)
 
 
