@@ -111,7 +111,7 @@ class FedcamMixin:
                 if not msg.content.array_records:
                     raise UpdateError("reply carries no weights")
                 key, record = next(iter(msg.content.array_records.items()))
-                record = self.wire.decode_up(record, self._reference, self.personal)  # screened below as it decodes
+                record = self.wire.decode_up(record, self._reference, self.personal)  # screening below sees the decoded update
                 if is_packed(record):
                     record = unpack(record, [item for item in self._layout if item[0] not in self.personal])
                 record = self._with_global_personal(record)
