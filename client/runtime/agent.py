@@ -202,37 +202,30 @@ class Agent:
         delta = manifest.extra.get("delta") or {}
         if not held or delta.get("from") != held:
             return False
-        try:
-            data = self._fetch(f"{url}/{delta_name(held)}", staging / delta_name(held))
-            if hashlib.sha256(data).hexdigest() != delta.get("sha256"):
-                raise DeltaError("delta's sha256 does not match the signed manifest")
-            model = apply_delta((self.dir / "snapshots" / current / MODEL_FILE).read_bytes(), data)
-            if hashlib.sha256(model).hexdigest() != manifest.sha256:
-                raise DeltaError("the rebuilt model's sha256 does not match the signed manifest")
-        except (OSError, DeltaError) as err:
-            log.warning("delta %s -> %s not used (%s); downloading the whole model", held, manifest.version, err)
-            return False
-        finally:
-            (staging / delta_name(held)).unlink(missing_ok=True)
-        (staging / MODEL_FILE).write_bytes(model)
-        return True
+        old = self.dir / "snapshots" / current / MODEL_FILE
+        return self._rebuild(staging, f"{url}/{delta_name(held)}", delta, manifest,
+                             lambda data: apply_delta(old.read_bytes(), data), f"delta {held} -> {manifest.version}")
 
     def _rebuild_from_packed(self, staging: Path, url: str, manifest: Manifest) -> bool:
         """A weight-shared model from its indices + codebooks, when the signed manifest names them; False (download
         it whole) if there are none or they do not rebuild the signed model."""
         packed = manifest.extra.get("packed") or {}
-        if not packed:
-            return False
+        return bool(packed) and self._rebuild(staging, f"{url}/{PACKED_FILE}", packed, manifest, unpack_model,
+                                              f"packed {manifest.version}")
+
+    def _rebuild(self, staging: Path, path: str, entry: dict, manifest: Manifest, build, what: str) -> bool:
+        """Fetch `path`, check it against the manifest's `entry`, build the model from it and check that against the
+        signed sha256; False (and a warning) if any step fails."""
         try:
-            _, data, _ = self._get(f"{url}/{PACKED_FILE}")
+            _, data, _ = self._get(path)
             self.downloaded += len(data)
-            if hashlib.sha256(data).hexdigest() != packed.get("sha256"):
-                raise PackedError("packed model's sha256 does not match the signed manifest")
-            model = unpack_model(data)
+            if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+                raise DeltaError(f"{what}: sha256 does not match the signed manifest")
+            model = build(data)
             if hashlib.sha256(model).hexdigest() != manifest.sha256:
-                raise PackedError("the rebuilt model's sha256 does not match the signed manifest")
-        except (OSError, PackedError) as err:
-            log.warning("packed %s not used (%s); downloading the whole model", manifest.version, err)
+                raise DeltaError(f"{what}: the rebuilt model's sha256 does not match the signed manifest")
+        except (OSError, DeltaError, PackedError) as err:
+            log.warning("%s not used (%s); downloading the whole model", what, err)
             return False
         (staging / MODEL_FILE).write_bytes(model)
         return True
