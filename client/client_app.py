@@ -15,10 +15,13 @@ from flwr.clientapp import ClientApp
 from shared.env import setup_offline
 
 setup_offline()  # the offline variables, before any library reads them
+from client.privacy import privacy_mod  # noqa: E402
 from client.wire import compression_mod  # noqa: E402
 
-# fed.compress as a mod: the task code below sees the whole global model and answers with its own weights.
-app = ClientApp(mods=[compression_mod])
+# fed.compress and fed.dp as mods: the task code below sees the whole global model and answers with its own
+# weights. The first mod is the outermost: downloads are decompressed before the privacy mod sees them, and
+# updates are clipped (and noised, local DP) before they are compressed.
+app = ClientApp(mods=[compression_mod, privacy_mod])
 
 
 def personal_part(model, config, context: Context, cfg):

@@ -42,20 +42,23 @@ def compression_mod(msg: Message, context: Context, call_next) -> Message:
         reply.content["metrics"]["replica-crc"] = compress.checksum(received)
     if mode != "none":
         seed, topk = int(config.get("seed", 0)), float(config.get("compress-topk", 0.1))
-        base = shared_part(received, model_yaml, list(config["names"]), str(config.get("personal", "none")))
-        reply.content["arrays"] = wire.send(reply.content["arrays"], base, mode, topk, seed)
+        base = shared_part(received, model_yaml, list(config["names"]), config, context)
+        # Central DP: the privacy mod inside clipped the update; what the server decodes is held to the same bound.
+        bound = float(config.get("dp-clip", 0.0)) if str(config.get("dp", "off")) == "central" else None
+        reply.content["arrays"] = wire.send(reply.content["arrays"], base, mode, topk, seed, bound)
     return reply
 
 
-def shared_part(received: ArrayRecord, model_yaml, names: list[str], mode: str) -> ArrayRecord:
-    """The packed received model without the keys the camera keeps (fed.personal): what the reply's delta is from."""
-    from shared import models, personal
-    from shared.arrays import layout_of, pack, to_record, unpack
+def shared_part(received: ArrayRecord, model_yaml, names: list[str], config, context: Context) -> ArrayRecord:
+    """The packed received model without the keys the camera's reply leaves out (fed.personal, and fed.dp's
+    withheld keys): what the reply's delta is from."""
+    from client.privacy import released_layout
+    from shared.arrays import pack, unpack
+    from shared.config import load_config
 
-    model = models.build(model_yaml, names)  # the layout only: the server built the model from the same yaml
-    keep = set(personal.personal_keys(model, mode)) if mode != "none" else set()
-    full = unpack(received, layout_of(to_record(model)))
-    return pack(ArrayRecord(OrderedDict((k, full[k]) for k in full if k not in keep)))
+    layout, _, released = released_layout(model_yaml, names, config, load_config(context.run_config))
+    full = unpack(received, layout)
+    return pack(ArrayRecord(OrderedDict((k, full[k]) for k in released)))
 
 
 class CameraWire:
@@ -77,8 +80,10 @@ class CameraWire:
             self._keep(REPLICA, arrays, version)
         return arrays
 
-    def send(self, reply: ArrayRecord, base: ArrayRecord, mode: str, topk: float, seed: int) -> ArrayRecord:
-        """`reply` as a compressed delta from `base`; topk adds what earlier messages left unsent."""
+    def send(self, reply: ArrayRecord, base: ArrayRecord, mode: str, topk: float, seed: int,
+             bound: float | None = None) -> ArrayRecord:
+        """`reply` as a compressed delta from `base`; topk adds what earlier messages left unsent. With `bound`
+        (central DP) the payload decodes to a delta of at most that L2 norm; what the bound cuts is not fed back."""
         from shared import compress
 
         if mode == "none":
@@ -93,6 +98,10 @@ class CameraWire:
         payload, left = compress.encode(reply, base, mode, topk, rng, residual)
         if left is not None:
             self._keep(RESIDUAL, ArrayRecord({"r": Array(left)}), None)
+        if bound is not None:
+            payload, factor = compress.limit_norm(payload, bound)
+            if factor < 1:
+                log.info("compressed update scaled by %.4f to stay within the clipping norm %.3g", factor, bound)
         return payload
 
     # --- state and disk ---------------------------------------------------------------------------------

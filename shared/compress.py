@@ -81,6 +81,25 @@ def decode(record: ArrayRecord, base: ArrayRecord) -> ArrayRecord:
     return ArrayRecord(OrderedDict((k, summed if k == FLOAT else record[k]) for k in base))
 
 
+def limit_norm(record: ArrayRecord, bound: float) -> tuple[ArrayRecord, float]:
+    """The payload with its scales shrunk so that the delta it decodes to has an L2 norm of at most `bound`, and the
+    factor applied. Scaling the scales scales every decoded value exactly (up to float32 rounding of the scales,
+    which the 1e-6 margin covers): central DP clips what the server will see, not what rounding made of it."""
+    mode = mode_of(record)
+    if mode not in _PARTS:
+        raise ValueError("limit_norm: not a compressed payload")
+    key = f"{PREFIX}{mode}.scales"
+    scales = record[key].numpy()
+    q = _inflate(record[f"{PREFIX}{mode}.values"], scales.size * BLOCK, f"{mode}.values", exact=False).view(np.int8)
+    norm = float(np.sqrt(np.sum((q.astype(np.float64) * np.repeat(scales.astype(np.float64), BLOCK)[:q.size]) ** 2)))
+    factor = min(1.0, bound * (1 - 1e-6) / norm) if norm > 0 else 1.0
+    if factor == 1.0:
+        return record, 1.0
+    out = OrderedDict((k, Array((scales * np.float32(factor)).astype(np.float32)) if k == key else record[k])
+                      for k in record)
+    return ArrayRecord(out), factor
+
+
 def quantize(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """int8 of x with one scale per BLOCK values, rounded stochastically (unbiased: E[q * s] = x)."""
     blocks = np.zeros(-(-x.size // BLOCK) * BLOCK, np.float32)

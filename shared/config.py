@@ -118,6 +118,8 @@ class EvalConfig:
 
 PERSONAL_MODES = ("none", "bn", "head", "bn+head")  # fed.personal: what stays on each camera (shared/personal.py)
 COMPRESS_MODES = ("none", "int8", "topk")  # fed.compress: how deltas travel (shared/compress.py)
+DP_MODES = ("off", "central", "local")  # fed.dp: differential privacy (server/federation/privacy.py)
+DP_STRATEGIES = ("fedavg", "fedprox")  # what Flower's accountant accepts: FedAvg's own uniform average
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,11 @@ class FedConfig:
     compress: str
     compress_topk: float
     compress_down: str
+    dp: str
+    dp_noise: float
+    dp_clip: float
+    dp_delta: float
+    dp_max_epsilon: float
 
     @property
     def runs_own_model(self) -> bool:
@@ -169,6 +176,26 @@ class FedConfig:
                 raise ValueError(f"config key 'fed.{key}': '{value}' is not one of {', '.join(allowed)}")
         if not 0 < self.compress_topk <= 1:
             raise ValueError(f"config key 'fed.compress-topk': {self.compress_topk} is not in (0, 1]")
+        self._check_dp()
+
+    def _check_dp(self) -> None:
+        if self.dp not in DP_MODES:
+            raise ValueError(f"config key 'fed.dp': '{self.dp}' is not one of {', '.join(DP_MODES)}")
+        if self.dp == "off":
+            return
+        if not self.dp_noise > 0:
+            raise ValueError(f"config key 'fed.dp-noise': {self.dp_noise} is not > 0 (fed.dp = {self.dp})")
+        if not self.dp_clip > 0:
+            raise ValueError(f"config key 'fed.dp-clip': {self.dp_clip} is not > 0")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError(f"config key 'fed.dp-delta': {self.dp_delta} is not in (0, 1)")
+        if not self.dp_max_epsilon >= 0:
+            raise ValueError(f"config key 'fed.dp-max-epsilon': {self.dp_max_epsilon} is not >= 0")
+        if self.dp == "central" and self.strategy.lower() not in DP_STRATEGIES:
+            # Flower's accountant holds only for FedAvg's uniform average of clipped updates; a server optimizer
+            # or a robust rule changes the sensitivity the noise is scaled to.
+            raise ValueError(f"config key 'fed.dp' = central needs fed.strategy in {', '.join(DP_STRATEGIES)}, "
+                             f"not '{self.strategy}'")
 
     @property
     def downlink(self) -> str:

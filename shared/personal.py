@@ -39,6 +39,19 @@ def personal_keys(model: nn.Module, mode: str) -> list[str]:
     return [k for k in model.state_dict() if k.startswith(tuple(prefixes))]
 
 
+def withheld_keys(model: nn.Module, mode: str, dp: str = "off", bn_stats_train: bool = True) -> list[str]:
+    """Keys a camera's reply leaves out: its personal part, and under fed.dp every key local training does not change
+    (integer counters; BatchNorm statistics while fed.freeze-bn holds them and AdaBN is off). Differential privacy
+    noises every value it releases: released constants would only gain noise, so they stay the server's."""
+    keys = set(personal_keys(model, mode)) if mode != "none" else set()
+    if dp != "off":
+        state = model.state_dict()
+        keys |= {k for k, v in state.items() if not v.is_floating_point()}
+        if not bn_stats_train:
+            keys |= {k for k in state if k.endswith((".running_mean", ".running_var"))}
+    return [k for k in model.state_dict() if k in keys]
+
+
 def part_of(model: nn.Module, keys: list[str]) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     return {k: state[k].detach().clone() for k in keys}

@@ -11,6 +11,7 @@ class RunDir:
         self.root = Path(root)
         self.config = self.root / "run_config.json"  # flat config overrides: resume, dashboard, `snapshot --run`
         self.events = self.root / "events.jsonl"
+        self.manifest = self.root / "run_manifest.json"  # what leaves the cameras: shared/personal keys, fed.dp
         self.store = self.root / "fedcam.sqlite"
         self.checkpoints = self.root / "checkpoints"
         self.log = self.root / "simulation.log"  # the simulation's own output (Flower, Ray, the apps)
