@@ -24,10 +24,11 @@ class RunCheckpoints:
         self.dir = RunDir(run_dir).checkpoints
 
     def save(self, rnd: int, arrays: ArrayRecord, state: dict[str, np.ndarray], progress: RoundsDone,
-             model_yaml: dict, names: list[str]) -> Path:
+             model_yaml: dict, names: list[str], **meta) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         weights = self.dir / f"global_r{rnd:04d}.pt"
-        blob = checkpoint_blob(model_yaml, names, dict(to_state_dict(arrays)), round=rnd, strategy=progress.strategy)
+        blob = checkpoint_blob(model_yaml, names, dict(to_state_dict(arrays)), round=rnd, strategy=progress.strategy,
+                               **meta)
         _atomic(weights, lambda p: torch.save(blob, p))
         _atomic(self.dir / f"state_r{rnd:04d}.npz", lambda p: np.savez(p, **state), suffix=".npz")
         # progress.json is written last: a crash before it leaves the previous round as the resume point.

@@ -32,11 +32,13 @@ class FederatedRun:
         layout = RunDir(self.dir)
         self.bus = EventBus([JsonlLog(layout.events), RunStore(layout.store)])
         self.done, self.state = 0, {}
+        self.layout = layout
         self.model = self._initial_model()
         self.arrays = to_record(self.model)
         if progress:  # resume from the last completed round
             self.done = progress.round
             self.arrays, self.state = self.checkpoints.load(progress.round)
+        self.last = self.done  # the newest completed round
         self.names = [self.model.names[i] for i in sorted(self.model.names)]
         from server.snapshots.worker import SnapshotHook  # after the event log: a snapshot of round N follows its round_end
 
@@ -63,10 +65,21 @@ class FederatedRun:
                              "personal": self.cfg.fed.personal, "keep-finetuned": self.cfg.fed.runs_own_model})
 
     def personal_keys(self) -> list[str]:
-        """The keys every camera keeps to itself (fed.personal): its replies leave them out."""
-        from shared.personal import personal_keys
+        """The keys every camera's reply leaves out: its personal part (fed.personal) and, under fed.dp, what local
+        training does not change (shared/personal.py: withheld_keys)."""
+        from shared.personal import withheld_keys
 
-        return personal_keys(self.model, self.cfg.fed.personal) if self.cfg.fed.personal != "none" else []
+        f = self.cfg.fed
+        return withheld_keys(self.model, f.personal, f.dp, bn_stats_train=not f.freeze_bn or f.adabn)
+
+    def last_round(self) -> int:
+        return self.last
+
+    def snapshot_last(self) -> None:
+        """A run stopped early (the privacy budget): its last completed round gets the snapshot the last round would."""
+        progress, path = self.checkpoints.progress(), self.checkpoints.latest_weights()
+        if progress is not None and progress.round > 0 and not snapshot_round(self.cfg, progress.round):
+            self.snapshots.submit(progress.round, str(path))
 
     def central_evaluate(self, strategy):
         """Flower's evaluate_fn: score the global model on held-out camera val data, then close the round."""
@@ -80,18 +93,41 @@ class FederatedRun:
             metrics = task.score_cameras(self.model, self.cfg) if scored else {}
             if server_round == 0 and self.done:  # resumed: round `done` was already evaluated and saved
                 return MetricRecord(metrics)
+            self.last = max(self.last, rnd)
+            privacy = strategy.ledger.spent() if strategy.ledger is not None else {}
             saved = ""
             # Snapshot rounds are always saved: the snapshot worker makes its snapshot from that file.
-            if server_round > 0 and (last or rnd % max(f.checkpoint_every, 1) == 0 or snapshot_round(self.cfg, rnd)):
+            # Under a privacy budget every round is saved: the run may stop after any of them (snapshot_last).
+            budget = f.dp != "off" and f.dp_max_epsilon > 0
+            if server_round > 0 and (last or budget or rnd % max(f.checkpoint_every, 1) == 0
+                                     or snapshot_round(self.cfg, rnd)):
                 saved = str(self.checkpoints.save(rnd, arrays, strategy.state_arrays(),
                                                   RoundsDone(rnd, self.cfg.fed.rounds, self.cfg.fed.strategy),
-                                                  self.model.yaml, self.names))
+                                                  self.model.yaml, self.names, privacy=privacy))
             self.bus.emit("round_end", rnd, arrays=arrays, central=metrics, eval_seconds=time.time() - started,
                           checkpoint=saved)
             return MetricRecord(metrics)
 
         return evaluate_fn
 
-    def start_event(self) -> None:
+    def start_event(self, strategy) -> None:
+        manifest = self.manifest(strategy)
+        tmp = self.layout.manifest.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(self.layout.manifest)
         self.bus.emit("run_start", self.done, config=to_flat(self.cfg), resumed_from=self.done,
-                      params=models.count_params(self.model))
+                      params=models.count_params(self.model), manifest=manifest)
+
+    def manifest(self, strategy) -> dict:
+        """What leaves the cameras: the keys they send, the personal keys they keep, what else they withhold (fed.dp),
+        and the privacy parameters with the epsilon spent so far."""
+        from shared.personal import personal_keys
+
+        f = self.cfg.fed
+        keys = list(self.model.state_dict())
+        personal = personal_keys(self.model, f.personal) if f.personal != "none" else []
+        withheld = set(self.personal_keys())
+        return {"shared_keys": [k for k in keys if k not in withheld], "personal_keys": personal,
+                "withheld_keys": [k for k in keys if k in withheld and k not in personal],
+                "dp": strategy.ledger.spent() if strategy.ledger is not None else {"mode": "off"},
+                "strategy": f.strategy, "compress": {"up": f.compress, "down": f.downlink}}

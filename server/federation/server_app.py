@@ -6,6 +6,7 @@ import logging
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from shared.env import setup_offline
 
@@ -26,20 +27,25 @@ def main(grid: Grid, context: Context) -> None:
     run = FederatedRun(cfg)
     strategy = make_strategy(cfg.fed, run.bus, cfg.seed, round_offset=run.done, personal=run.personal_keys())
     strategy.load_state_arrays(run.state)
-    run.start_event()
+    run.start_event(strategy)
+    stopped = ""
     try:
         result = strategy.start(grid, run.arrays, num_rounds=run.remaining, timeout=cfg.fed.round_timeout,
                                 train_config=run.train_config(), evaluate_config=run.evaluate_config(),
                                 evaluate_fn=run.central_evaluate(strategy))
+        final = {r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()}
+    except PrivacyBudgetExhausted as err:  # fed.dp-max-epsilon: the rounds so far stand, the next would not
+        stopped, final = f"privacy budget: {err}", {}
+        log.warning("run stopped before round %d: %s", run.last_round() + 1, stopped)
+        run.snapshot_last()
     except Exception as err:
         run.snapshots.close()
         run.bus.emit("run_error", run.done, error=f"{type(err).__name__}: {err}")
         raise
-    final = result.evaluate_metrics_serverapp
     run.snapshots.finish(timeout=cfg.snapshot.timeout)  # snapshots were made beside the rounds: wait for the last
     if cfg.snapshot.enabled and cfg.snapshot.per_camera:
         per_camera(grid, cfg, run)
-    run.bus.emit("run_end", cfg.fed.rounds, central={r: dict(m) for r, m in final.items()})
+    run.bus.emit("run_end", run.last_round(), central=final, stopped=stopped)
 
 
 def per_camera(grid: Grid, cfg, run: FederatedRun) -> None:

@@ -12,7 +12,7 @@ CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, started REAL, ended REA
                                  resumed_from INTEGER);
 CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, started REAL, ended REAL, sampled INTEGER,
     accepted INTEGER, failed INTEGER, loss REAL, map50 REAL, map REAL, cam_map50 REAL, cam_map REAL,
-    bytes_up INTEGER, bytes_down INTEGER, seconds REAL);
+    bytes_up INTEGER, bytes_down INTEGER, seconds REAL, epsilon REAL, dp_delta REAL);
 CREATE TABLE IF NOT EXISTS clients (round INTEGER, node_id TEXT, ok INTEGER, reason TEXT, seconds REAL,
     examples INTEGER, loss REAL, update_norm REAL, bytes_up INTEGER, bytes_down INTEGER, time REAL,
     global_map50 REAL, camera_map50 REAL, PRIMARY KEY (round, node_id));
@@ -43,6 +43,10 @@ class RunStore:
             for column in ("global_map50", "camera_map50"):  # a store from before these columns: resume keeps it
                 if column not in have:
                     db.execute(f"ALTER TABLE clients ADD COLUMN {column} REAL")
+            have = {row["name"] for row in db.execute("PRAGMA table_info(rounds)")}
+            for column in ("epsilon", "dp_delta"):
+                if column not in have:
+                    db.execute(f"ALTER TABLE rounds ADD COLUMN {column} REAL")
 
     def __call__(self, event, arrays=None) -> None:
         d, r, t = event.data, event.round, event.time
@@ -52,6 +56,8 @@ class RunStore:
                            (t, json.dumps(d.get("config", {})), d.get("resumed_from", 0)))
             elif event.kind in ("run_end", "run_error"):
                 status = "finished" if event.kind == "run_end" else f"failed: {d.get('error', '')}"
+                if d.get("stopped"):  # e.g. the privacy budget: the rounds so far stand
+                    status = f"stopped: {d['stopped']}"
                 db.execute("UPDATE runs SET ended = ?, status = ? WHERE id = (SELECT MAX(id) FROM runs)", (t, status))
             elif event.kind == "round_start":
                 db.execute("INSERT OR REPLACE INTO rounds (round, started, sampled) VALUES (?, ?, ?)",
@@ -79,9 +85,11 @@ class RunStore:
         clients = d.get("clients", [])
         up = sum(int(c["metrics"].get("bytes-up", 0)) for c in clients)
         down = sum(int(c["metrics"].get("bytes-down", 0)) for c in clients)
-        db.execute("UPDATE rounds SET accepted=?, failed=?, loss=?, bytes_up=?, bytes_down=?, seconds=? WHERE round=?",
+        privacy = d.get("privacy") or {}
+        db.execute("UPDATE rounds SET accepted=?, failed=?, loss=?, bytes_up=?, bytes_down=?, seconds=?, epsilon=?,"
+                   " dp_delta=? WHERE round=?",
                    (d.get("accepted"), sum(not c["ok"] for c in clients), d.get("metrics", {}).get("loss"), up,
-                    down, d.get("seconds"), r))
+                    down, d.get("seconds"), privacy.get("epsilon"), privacy.get("delta"), r))
         for c in clients:
             m = c.get("metrics", {})
             # The camera's score of the model it received: the global one, and with its personal part what it

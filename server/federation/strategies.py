@@ -14,6 +14,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum)
 
 from server.federation.events import ClientOutcome, EventBus, client_error
+from server.federation.privacy import WEIGHT_KEY, CentralDp, Ledger
 from server.federation.wire import ServerWire
 from shared.arrays import UpdateError, check_compatible, is_packed, layout_of, to_state_dict, unpack
 from shared.compress import message_bytes
@@ -22,6 +23,7 @@ from shared.train import round_seed
 
 log = logging.getLogger("fedcam.server")
 STATE_KEYS = ("m_t", "v_t", "momentum_vector")  # server-optimizer state of FedAdam / FedAvgM
+LEDGER_KEY = "dp-ledger"  # the privacy accountant's state (JSON)
 
 
 class NotEnoughNodes(RuntimeError):
@@ -38,10 +40,13 @@ class FedcamMixin:
     wait_timeout: float = 60.0
     personal: frozenset[str] = frozenset()  # keys the cameras keep (fed.personal): replies leave them out
     wire: ServerWire = ServerWire("none", "none", 0.1, 0)  # fed.compress: how models travel each way
+    ledger: Ledger | None = None  # fed.dp: the privacy accountant (None: off)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         rnd = server_round + self.round_offset
         self._wait_for_nodes(grid)
+        if self.ledger is not None:
+            self.ledger.check(len(list(grid.get_node_ids())))  # local DP's budget (central: Flower's wrapper checks)
         random.seed(round_seed(self.seed, rnd))  # Flower samples with `random`: make it replayable on resume
         config["seed"] = round_seed(self.seed, rnd)
         messages = list(super().configure_train(rnd, arrays, config, grid))
@@ -68,12 +73,16 @@ class FedcamMixin:
         outcomes += [ClientOutcome(n, False, "no reply before the round timeout") for n in silent]
         arrays, metrics = super().aggregate_train(rnd, good) if good else (None, None)
         if arrays is not None:
-            arrays = self._restore(arrays)
+            arrays = self._restore(self._with_withheld(arrays))
         else:
             log.warning("round %d: no valid update; the global model stays as it was", rnd)
+        privacy = {}
+        if self.ledger is not None:
+            self.ledger.released(len(self._sampled))  # local DP: each sampled camera released its noised update
+            privacy = self.ledger.spent()
         self.bus.emit("train_result", rnd, clients=[vars(o) for o in outcomes], accepted=len(good),
                       seconds=time.time() - self._round_start,
-                      metrics=dict(metrics) if metrics is not None else {})
+                      metrics=dict(metrics) if metrics is not None else {}, privacy=privacy)
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -114,9 +123,13 @@ class FedcamMixin:
                 record = self.wire.decode_up(record, self._reference, self.personal)  # screening below sees the decoded update
                 if is_packed(record):
                     record = unpack(record, [item for item in self._layout if item[0] not in self.personal])
-                record = self._with_global_personal(record)
+                if self.ledger is None:
+                    record = self._with_global_personal(record)
+                    reference = self._reference
+                else:  # DP noises what it aggregates: only what cameras release, the rest is filled in after
+                    reference = {k: v for k, v in self._reference.items() if k not in self.personal}
                 msg.content[key] = record  # Flower's aggregation sees per-tensor arrays again
-                metrics["update-norm-server"] = check_compatible(self._reference, record, self.max_update_norm)
+                metrics["update-norm-server"] = check_compatible(reference, record, self.max_update_norm)
             except UpdateError as err:
                 log.warning("round update from node %d rejected: %s", node, err)
                 outcomes.append(ClientOutcome(node, False, f"update rejected: {err}", metrics))
@@ -143,6 +156,14 @@ class FedcamMixin:
         return ArrayRecord(OrderedDict(
             (k, Array(self._reference[k].numpy()) if k in self.personal else record[k]) for k in keys))
 
+    def _with_withheld(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Under fed.dp the aggregate holds the released keys only: the withheld ones keep the global model's values."""
+        if self.ledger is None or not self.personal:
+            return arrays
+        keys = [key for key, _, _ in self._layout]
+        return ArrayRecord(OrderedDict(
+            (k, Array(self._reference[k].numpy()) if k in self.personal else arrays[k]) for k in keys))
+
     def _restore(self, arrays: ArrayRecord) -> ArrayRecord:
         """Averaging turns integer buffers into floats and server optimizers can push BN variances below 0."""
         out, dtypes = {}, {k: d for k, _, d in self._layout}
@@ -164,9 +185,13 @@ class FedcamMixin:
                 flat.update({f"{name}/{k}": v for k, v in value.items()})
             elif isinstance(value, list):
                 flat.update({f"{name}/#{i}": v for i, v in enumerate(value)})
+        if self.ledger is not None and self.ledger.state_json():
+            flat[LEDGER_KEY] = np.array(self.ledger.state_json())  # a 0-d unicode array: no pickle
         return flat
 
     def load_state_arrays(self, flat: dict[str, np.ndarray]) -> None:
+        if self.ledger is not None and LEDGER_KEY in flat:
+            self.ledger.load_json(str(flat[LEDGER_KEY]))
         for name in STATE_KEYS:
             items = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(name + "/")}
             if not items:
@@ -194,8 +219,19 @@ def make_strategy(f: FedConfig, bus: EventBus, seed: int, round_offset: int = 0,
              "fedavgm": dict(server_learning_rate=f.server_lr, server_momentum=f.server_momentum),
              "fedtrimmedavg": dict(beta=f.trim_beta),
              "krum": dict(num_malicious_nodes=f.krum_byzantine)}.get(name, {})
-    cls = type(f"Fedcam{BASES[name].__name__}", (FedcamMixin, BASES[name]), {})
-    strategy = cls(**common, **extra)
+    if f.dp == "central":
+        # Order on the server: decode (fed.compress) and screen each update, then Flower's wrapper averages the
+        # released keys uniformly and adds the noise, then the withheld keys are filled in. Screening before the
+        # noise: a rejected update is never part of a release.
+        cls = type(f"FedcamDp{BASES[name].__name__}", (FedcamMixin, CentralDp), {})
+        inner = BASES[name](**common, **extra, weighted_by_key=WEIGHT_KEY)
+        strategy = cls(inner, f.dp_noise, f.dp_clip, num_sampled_clients=max(f.min_nodes, 1))
+        strategy.min_available_nodes = f.min_nodes  # what the mixin's bounded wait reads
+    else:
+        cls = type(f"Fedcam{BASES[name].__name__}", (FedcamMixin, BASES[name]), {})
+        strategy = cls(**common, **extra)
+    if f.dp != "off":
+        strategy.ledger = Ledger(f)
     strategy.bus, strategy.seed, strategy.round_offset = bus, seed, round_offset
     strategy.max_update_norm = f.max_update_norm if f.max_update_norm > 0 else None
     strategy.wait_timeout = f.round_timeout

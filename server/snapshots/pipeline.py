@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from server.snapshots.export import GraphReport, export_onnx, inspect_optimized, quantize
 from server.snapshots.prune import prune
@@ -68,6 +69,17 @@ def latency_ms(path: Path, imgsz: int, runs: int = 30) -> float:
     return float(np.median(times))
 
 
+def privacy_of(checkpoint: str) -> dict:
+    """The fed.dp record (epsilon spent, at which delta, noise, clip) of the round checkpoint a snapshot is made from;
+    {} for a model from elsewhere or a run without DP."""
+    try:
+        blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError):
+        return {}
+    meta = blob.get("meta", {}) if isinstance(blob, dict) else {}
+    return dict(meta.get("privacy", {}) or {})
+
+
 def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
                   progress: StageProgress | None = None) -> SnapshotResult:
     """Gate the pruned int8 candidate; if it loses too much, fall back to the dense int8 one (never to nothing
@@ -100,7 +112,7 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
                             extra={"prune_ratio": ratio, "params": cand.params, "params_unpruned": params_unpruned,
                                    "method": s.method, "float_layers": s.float_layers,
                                    "int8_convs": cand.graph.int8_convs, "float_convs": cand.graph.float_convs,
-                                   "cluster": s.cluster,
+                                   "cluster": s.cluster, "privacy": privacy_of(parent),
                                    "rejected_candidates": failed})
         published = drop <= s.tolerance
         if published:  # what was signed: the registry adds its delta and packed forms to the manifest

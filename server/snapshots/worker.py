@@ -48,8 +48,11 @@ class SnapshotHook:
         if not checkpoint:  # FederatedRun saves every snapshot round; a missing one is a bug to hear about
             log.error("round %d: no checkpoint to make a snapshot from", event.round)
             return
+        self.submit(event.round, checkpoint)
+
+    def submit(self, rnd: int, checkpoint: str) -> None:
         self._start()
-        self._jobs.put((event.round, checkpoint))
+        self._jobs.put((rnd, checkpoint))
 
     def finish(self, timeout: float | None = None) -> None:
         """Wait (bounded by `timeout`) for the worker to finish what it was given; then stop it."""
@@ -111,7 +114,7 @@ class SnapshotHook:
         m = result.manifest
         return dict(version=m.version, published=result.published, reason=result.reason, map50_fp32=m.map50_fp32,
                     map50_int8=m.map50_int8, size=m.size, latency_ms=m.latency_ms, int8_convs=result.int8_convs,
-                    float_convs=result.float_convs)
+                    float_convs=result.float_convs, privacy=m.extra.get("privacy", {}))
 
 
 def serve(flat: dict, jobs, results, parent: int) -> None:
