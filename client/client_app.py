@@ -16,12 +16,14 @@ from shared.env import setup_offline
 
 setup_offline()  # the offline variables, before any library reads them
 from client.privacy import privacy_mod  # noqa: E402
+from client.secure import secure_mod  # noqa: E402
 from client.wire import compression_mod  # noqa: E402
 
 # fed.compress and fed.dp as mods: the task code below sees the whole global model and answers with its own
 # weights. The first mod is the outermost: downloads are decompressed before the privacy mod sees them, and
-# updates are clipped (and noised, local DP) before they are compressed.
-app = ClientApp(mods=[compression_mod, privacy_mod])
+# updates are clipped (and noised, local DP) before they are compressed. Outermost, fed.secure-aggregation's: the
+# SecAgg+ stages, and the trained update masked on its way out (the run config refuses it with compression or DP).
+app = ClientApp(mods=[secure_mod, compression_mod, privacy_mod])
 
 
 def personal_part(model, config, context: Context, cfg):

@@ -158,6 +158,9 @@ class FedConfig:
     dp_clip: float
     dp_delta: float
     dp_max_epsilon: float
+    secure_aggregation: bool
+    secagg_threshold: float
+    secagg_clip: float
 
     @property
     def runs_own_model(self) -> bool:
@@ -177,6 +180,25 @@ class FedConfig:
         if not 0 < self.compress_topk <= 1:
             raise ValueError(f"config key 'fed.compress-topk': {self.compress_topk} is not in (0, 1]")
         self._check_dp()
+        self._check_secure()
+
+    def _check_secure(self) -> None:
+        """fed.secure-aggregation: the server only ever holds the masked sum, so nothing that needs one camera's update
+        (decoding a compressed one, screening, a robust rule, server-side DP noise on known updates) can run."""
+        if not self.secure_aggregation:
+            return
+        if not 0 < self.secagg_threshold <= 1:
+            raise ValueError(f"config key 'fed.secagg-threshold': {self.secagg_threshold} is not in (0, 1]")
+        if not self.secagg_clip > 0:
+            raise ValueError(f"config key 'fed.secagg-clip': {self.secagg_clip} is not > 0")
+        for key, value, plain in (("strategy", self.strategy.lower(), "fedavg"), ("compress", self.compress, "none"),
+                                  ("compress-down", self.downlink, "none"), ("dp", self.dp, "off")):
+            if value != plain:
+                raise ValueError(f"config key 'fed.secure-aggregation' = true needs fed.{key} = {plain}, not "
+                                 f"'{value}' (the server never sees one camera's update; README)")
+        if self.runs_own_model or self.adabn:
+            raise ValueError("config key 'fed.secure-aggregation' = true does not support fed.keep-finetuned, "
+                             "fed.ditto-lambda or fed.adabn yet")
 
     def _check_dp(self) -> None:
         if self.dp not in DP_MODES:

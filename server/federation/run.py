@@ -130,4 +130,5 @@ class FederatedRun:
         return {"shared_keys": [k for k in keys if k not in withheld], "personal_keys": personal,
                 "withheld_keys": [k for k in keys if k in withheld and k not in personal],
                 "dp": strategy.ledger.spent() if strategy.ledger is not None else {"mode": "off"},
-                "strategy": f.strategy, "compress": {"up": f.compress, "down": f.downlink}}
+                "strategy": f.strategy, "compress": {"up": f.compress, "down": f.downlink},
+                "secure_aggregation": f.secure_aggregation}
