@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import threading
 import urllib.error
 import urllib.request
@@ -27,8 +28,15 @@ BAD_FRAMES_BEFORE_ROLLBACK = 3
 
 class Agent:
     def __init__(self, server: str, state_dir: Path | str, public_key_pem: bytes, threads: int = 1,
-                 conf: float = 0.25, timeout: float = 10.0, camera_id: str | None = None):
+                 conf: float = 0.25, timeout: float = 10.0, camera_id: str | None = None,
+                 ca_file: Path | str | None = None, token: str | None = None):
         self.server, self.dir, self.timeout = server.rstrip("/"), Path(state_dir), timeout
+        if token and not self.server.startswith("https://"):
+            raise ValueError(f"{server}: a token goes over https only (the registry off loopback speaks TLS)")
+        # https: the server is checked against the given CA (the deploy PKI), else the system's
+        self.tls = ssl.create_default_context(cafile=str(ca_file) if ca_file else None) \
+            if self.server.startswith("https://") else None
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.camera = camera_id
         self.key = load_public_key(public_key_pem)
         self.threads, self.conf = threads, conf
@@ -93,9 +101,9 @@ class Agent:
 
     # --- updates ---------------------------------------------------------------------------------------
     def _get(self, path: str, headers: dict | None = None) -> tuple[int, bytes, dict]:
-        req = urllib.request.Request(self.server + path, headers=headers or {})
+        req = urllib.request.Request(self.server + path, headers={**self.auth, **(headers or {})})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self.tls) as resp:
                 return resp.status, resp.read(), dict(resp.headers)
         except urllib.error.HTTPError as err:
             if err.code == 304:

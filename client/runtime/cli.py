@@ -93,8 +93,9 @@ def cmd_detect(args) -> None:
 def cmd_run(args) -> None:
     from client.runtime.agent import Agent
 
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
     agent = Agent(args.server, args.state, Path(args.key).read_bytes(), args.threads, args.conf,
-                  camera_id=args.camera_id)
+                  camera_id=args.camera_id, ca_file=args.ca, token=token)
     stop = threading.Event()
     poller = threading.Thread(target=agent.poll_forever, args=(args.poll, stop), daemon=True)
     poller.start()
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--camera-id", default=None,
                      help="follow this camera's own snapshot channel (falls back to the global one when that is newer)")
     run.add_argument("--key", required=True, help="the server's public key (PEM), pinned at install time")
+    run.add_argument("--ca", default=None, help="CA certificate the https registry is checked against (deploy/certs.sh)")
+    run.add_argument("--token-file", default=None, help="file holding this device's registry token (fedcam tokens)")
     run.add_argument("--poll", type=float, default=30.0, help="seconds between update checks")
     run.add_argument("--loop", action="store_true", help="replay the source forever (files)")
     col = sub.add_parser("collect", help="sample frames of a camera or video into a bounded local store")

@@ -18,9 +18,15 @@ VERSION = re.compile(r"^v\d{4,}$")
 DELTA = re.compile(r"^delta-v\d{4,}\.bin$")  # the model as a difference from an earlier version (shared/snapshot/delta.py)
 
 
-def create_app(registry_root: Path | str, run_dir: Path | str | None = None) -> FastAPI:
-    """The registry API; with a run folder, the dashboard pages and their API too (one app, one port)."""
-    app = FastAPI(title="fedcam server", docs_url="/api/docs", openapi_url="/api/openapi.json")
+def create_app(registry_root: Path | str, run_dir: Path | str | None = None, tokens: Path | str | None = None,
+               rate: float = 10.0, burst: int = 50) -> FastAPI:
+    """The registry API; with a run folder, the dashboard pages and their API too (one app, one port). With a token
+    store every request but the page itself needs a token (server/web/access.py); requests are held to a size."""
+    from server.web.access import Guard, TokenStore
+
+    app = FastAPI(title="fedcam server", docs_url=None if tokens else "/api/docs",
+                  openapi_url=None if tokens else "/api/openapi.json")
+    app.add_middleware(Guard, tokens=TokenStore(tokens) if tokens else None, rate=rate, burst=burst)
     if run_dir is not None:
         from server.web.dashboard import add_dashboard
 
