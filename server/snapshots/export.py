@@ -6,6 +6,7 @@ import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -73,10 +74,11 @@ def export_onnx(model: torch.nn.Module, path: Path, imgsz: int, metadata: dict[s
     return path
 
 
-def float_nodes(onnx_path: Path, first_layers: int = 0) -> list[str]:
-    """Nodes kept in float: the detection decode and the head's last convs (accurate boxes), and the first
-    `first_layers` layers of the model. Those run at full resolution with 8-16 channels, where onnxruntime's
-    int8 kernels are slower than its blocked float ones (measured: README)."""
+def float_nodes(onnx_path: Path, layers: int | Iterable[int] = 0) -> list[str]:
+    """Nodes kept in float: the detection decode and the head's last convs (accurate boxes), and `layers`: the
+    first N layers of the model, or the listed module indices (chosen per checkpoint: precision.py). The first
+    layers run at full resolution with 8-16 channels, where onnxruntime's int8 kernels can be slower than its
+    blocked float ones (measured: README)."""
     graph = onnx.load(str(onnx_path)).graph
     convs = [n.name for n in graph.node if n.op_type == "Conv"]
     head = max(int(m.group(1)) for n in convs if (m := re.match(r"/model\.(\d+)/", n)))
@@ -85,7 +87,8 @@ def float_nodes(onnx_path: Path, first_layers: int = 0) -> list[str]:
     # convs absorb them); keeping them float cost a dequantize/quantize round trip per hidden layer.
     branch = re.compile(rf"/model\.{head}/cv[23]\.\d+/")
     decode = [n.name for n in graph.node if n.name.startswith(f"/model.{head}/") and not branch.match(n.name)]
-    stem = tuple(f"/model.{i}/" for i in range(min(first_layers, head)))
+    chosen = range(layers) if isinstance(layers, int) else layers
+    stem = tuple(f"/model.{i}/" for i in chosen if i < head)
     early = [n.name for n in graph.node if stem and n.name.startswith(stem)]
     return [n for n in convs if keep_float.search(n)] + decode + early
 
@@ -97,8 +100,9 @@ def pre_process(fp32: Path, out: Path) -> Path:
 
 
 def quantize(fp32: Path, out: Path, frames: np.ndarray, target: str = "x86", method: str = "static",
-             float_layers: int = 0, ranges: Ranges | None = None, pre: Path | None = None) -> Path:
-    """int8 QDQ (static, calibrated on `frames`) or dynamic quantization; `float_layers` first layers stay float.
+             float_layers: int | Iterable[int] = 0, ranges: Ranges | None = None, pre: Path | None = None) -> Path:
+    """int8 QDQ (static, calibrated on `frames`) or dynamic quantization; `float_layers` (the first N, or these
+    module indices) stay float.
 
     `ranges`: activation ranges computed elsewhere (a camera's, shared.snapshot.calibration) on `pre`, the
     pre-processed `fp32` it was sent; they replace every range `frames` would give (bit for bit the model

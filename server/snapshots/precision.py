@@ -1,0 +1,140 @@
+"""Mixed precision per checkpoint: which layers stay float, from each layer's measured int8 error and latency."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from server.snapshots.export import pre_process, quantize
+from shared.snapshot.calibration import activation_ranges
+from shared.snapshot.inference import session
+
+PROBE_FRAMES = 8  # frames whose output error ranks the layers
+PAIRED_RUNS = 24  # alternating timed runs per latency comparison
+MIN_GAIN = 0.01  # a layer counts as faster in float when it saves this fraction of the model's time (noise below)
+SENSITIVE = 2.0  # a layer is a candidate for float when its error alone is this many times the median layer's
+
+
+@dataclass
+class Layer:
+    index: int  # Ultralytics' module index (/model.<index>/ in the graph)
+    error: float  # relative output error of the model with this layer alone in int8
+    float_ms: float  # time the model gains (-) or loses (+) when this layer also runs in float
+    float: bool = False
+    why: str = ""
+
+
+@dataclass
+class Precision:
+    float_layers: list[int]
+    int8_ms: float  # the all-int8 model, 1 thread, on this machine
+    layers: list[Layer]
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {"float_layers": self.float_layers, "int8_ms": round(self.int8_ms, 3), "seconds": round(self.seconds, 1),
+                "layers": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(x).items()}
+                           for x in self.layers]}
+
+
+def layer_indices(onnx_path: Path) -> list[int]:
+    """The modules before the head (the head's float decode and last convs are fixed by export.float_nodes)."""
+    found = {int(m.group(1)) for n in onnx.load(str(onnx_path)).graph.node if (m := re.match(r"/model\.(\d+)/", n.name))}
+    return sorted(found)[:-1]
+
+
+def output_error(out: np.ndarray, ref: np.ndarray) -> float:
+    """Boxes and class scores apart, each as RMS error over the spread of the float output: one scale for both."""
+    err = 0.0
+    for part in (slice(0, 4), slice(4, None)):
+        a, b = out[:, part], ref[:, part]
+        err += float(np.sqrt(np.mean((a - b) ** 2)) / (np.std(b) + 1e-9))
+    return err
+
+
+def paired_ms(a: Path, b: Path, x: np.ndarray, runs: int = PAIRED_RUNS) -> tuple[float, float]:
+    """Median time of `a` and median of (b - a) over alternating runs on one thread: a busier moment of the machine
+    hits both alike."""
+    sa, sb = session(a), session(b)
+    feed = {sa.get_inputs()[0].name: x}
+    for s in (sa, sb):
+        s.run(None, feed)
+    ta, diff = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sa.run(None, feed)
+        t1 = time.perf_counter()
+        sb.run(None, feed)
+        t2 = time.perf_counter()
+        ta.append(t1 - t0)
+        diff.append((t2 - t1) - (t1 - t0))
+    return float(np.median(ta)) * 1000, float(np.median(diff)) * 1000
+
+
+def choose(fp32: Path, frames: np.ndarray, target: str, work: Path, budget: float,
+           say: Callable[[int, int], None] | None = None) -> Precision:
+    """1. each layer's int8 error: the model with that layer alone in int8 against the float model's output;
+    2. latency, greedily in graph order: a layer stays float when the model with it float (next to the float
+       layers already chosen) is measurably faster, as onnxruntime's int8 kernels are at full resolution on few
+       channels;
+    3. accuracy: the layers whose error stands out (SENSITIVE x the median), most error per added ms first, stay
+       float while the time they add is within `budget` of the all-int8 model's.
+    Activations are calibrated once (`frames`); every variant is quantized from those ranges."""
+    t_start, say = time.perf_counter(), say or (lambda done, total: None)
+    work = work / "precision"  # its own folder: every variant in it is deleted at the end
+    work.mkdir(parents=True, exist_ok=True)
+    pre = pre_process(fp32, work / "mp.pre.onnx")
+    ranges = activation_ranges(pre, frames)
+    layers = layer_indices(pre)
+    probe = np.ascontiguousarray(frames[:PROBE_FRAMES], dtype=np.float32) / 255.0
+    x = probe[:1]
+
+    def variant(name: str, float_layers: list[int]) -> Path:
+        return quantize(fp32, work / f"{name}.onnx", frames, target, "static", float_layers, ranges=ranges, pre=pre)
+
+    def outputs(path: Path) -> np.ndarray:
+        s = session(path)
+        return np.concatenate([s.run(None, {"images": probe[i:i + 1]})[0] for i in range(len(probe))])
+
+    ref, total = outputs(fp32), 2 * len(layers)
+    errors = []
+    for k, i in enumerate(layers):
+        errors.append(output_error(outputs(variant("alone", [j for j in layers if j != i])), ref))
+        say(k + 1, total)
+    chosen: list[int] = []
+    current = variant("current", chosen)
+    int8_ms, _ = paired_ms(current, current, x, 4)
+    report = []
+    for k, (i, err) in enumerate(zip(layers, errors)):
+        trial = variant(f"trial{i}", sorted(chosen + [i]))
+        base_ms, delta = paired_ms(current, trial, x)
+        layer = Layer(i, err, delta)
+        if delta < -MIN_GAIN * base_ms:
+            layer.float, layer.why = True, f"faster in float ({delta:+.3f} ms)"
+            chosen.append(i)
+            current.unlink()
+            current = trial.rename(work / "current.onnx")
+        else:
+            trial.unlink()
+        report.append(layer)
+        say(len(layers) + k + 1, total)
+    median = float(np.median(errors)) if errors else 0.0
+    spend, allowed = 0.0, budget * int8_ms
+    sensitive = sorted((x for x in report if not x.float and x.error >= SENSITIVE * median > 0),
+                       key=lambda x: x.error / max(x.float_ms, 1e-3), reverse=True)
+    for layer in sensitive:
+        cost = max(layer.float_ms, 0.0)
+        if spend + cost <= allowed:
+            spend += cost
+            layer.float = True
+            layer.why = (f"int8 error {layer.error:.3g} alone ({layer.error / median:.1f}x the median layer), "
+                         f"costs {cost:.3f} ms")
+    for path in work.glob("*.onnx"):
+        path.unlink()
+    return Precision(sorted(x.index for x in report if x.float), int8_ms, report, time.perf_counter() - t_start)
