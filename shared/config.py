@@ -84,11 +84,16 @@ class DistillConfig:
 class SnapshotConfig:
     enabled: bool
     every: int
-    prune_ratio: float
+    prune_ratio: str  # "auto" (searched under the gate) or a fraction of the channels: read it with .ratio
+    search_ratios: str
+    search_minutes: float
     round_to: int
     importance: str
     recover_epochs: int
-    float_layers: int
+    float_layers: str  # "auto" (chosen from measured sensitivity and latency) or a count: read it with .first_float
+    float_budget: float
+    latency_target: str
+    latency_budget_ms: float
     target: str
     method: str
     calib_frames: int
@@ -106,6 +111,39 @@ class SnapshotConfig:
             raise ValueError(f"config key 'snapshot.cluster': {self.cluster} is neither 0 (off) nor 2..256 values")
         if self.importance not in ("magnitude", "taylor"):
             raise ValueError(f"config key 'snapshot.importance': '{self.importance}' is neither 'magnitude' nor 'taylor'")
+        for key, value, check in (("prune-ratio", self.prune_ratio, lambda v: 0.0 <= float(v) < 1.0),
+                                  ("float-layers", self.float_layers, lambda v: int(v) >= 0)):
+            try:
+                ok = value == "auto" or check(value)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"config key 'snapshot.{key}': '{value}' is neither 'auto' nor a valid number")
+        try:
+            ladder = self.ladder
+        except ValueError:
+            ladder = []
+        if not ladder or any(not 0 < r < 1 for r in ladder) or ladder != sorted(set(ladder)):
+            raise ValueError(f"config key 'snapshot.search-ratios': '{self.search_ratios}' is not a rising list of "
+                             "fractions in (0, 1), e.g. '0.25,0.5'")
+        if self.latency_target not in LATENCY_TARGETS:
+            raise ValueError(f"config key 'snapshot.latency-target': '{self.latency_target}' is none of "
+                             f"{', '.join(LATENCY_TARGETS)}")
+
+    @property
+    def ratio(self) -> float | None:
+        """The fixed prune ratio, or None when it is searched."""
+        return None if self.prune_ratio == "auto" else float(self.prune_ratio)
+
+    @property
+    def first_float(self) -> int | None:
+        """How many first layers stay float, or None when the layers are chosen per checkpoint."""
+        return None if self.float_layers == "auto" else int(self.float_layers)
+
+    @property
+    def ladder(self) -> list[float]:
+        """The prune ratios the search steps through, each of the starting model's channels."""
+        return [float(x) for x in self.search_ratios.split(",") if x.strip()]
 
 
 @dataclass(frozen=True)
@@ -116,6 +154,9 @@ class EvalConfig:
     batch: int
 
 
+# snapshot.latency-target: this machine's onnxruntime, measured, or an ARM core, estimated
+# (server/snapshots/costmodel.py)
+LATENCY_TARGETS = ("host", "cortex-a7", "cortex-a53", "cortex-a72")
 PERSONAL_MODES = ("none", "bn", "head", "bn+head")  # fed.personal: what stays on each camera (shared/personal.py)
 COMPRESS_MODES = ("none", "int8", "topk")  # fed.compress: how deltas travel (shared/compress.py)
 DP_MODES = ("off", "central", "local")  # fed.dp: differential privacy (server/federation/privacy.py)

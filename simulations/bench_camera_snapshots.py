@@ -61,7 +61,7 @@ def main() -> None:
             cam, data = f"cam{k:02d}", task.camera_yaml(cfg, k)
             shots = frames(data, cfg, cfg.snapshot.calib_frames)  # what the camera calibrates on in the exchange
             b = quantize(fp32, Path(tmp) / f"{cam}.onnx", shots[:1], cfg.snapshot.target,
-                         cfg.snapshot.method, cfg.snapshot.float_layers, ranges=activation_ranges(pre, shots), pre=pre)
+                         cfg.snapshot.method, cfg.snapshot.first_float or 0, ranges=activation_ranges(pre, shots), pre=pre)
             e = events.get(cam, {})
             own = registry.latest(cam)
             c = registry.folder(cam) / own["version"] / MODEL_FILE if own else None

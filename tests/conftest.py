@@ -17,7 +17,9 @@ TINY = {
     "data.imgsz": 64, "data.cameras": 2, "data.base-train": 24, "data.base-val": 12,
     "data.camera-train": 16, "data.camera-val": 8, "data.camera-pool": 8,
     "model.student-width": 0.0625, "model.teacher-scale": "n", "model.family": "yolov8",
-    "snapshot.round-to": 1, "snapshot.recover-epochs": 1, "snapshot.calib-frames": 16, "train.batch": 8, "train.epochs": 1, "train.threads": 2, "train.warmup-steps": 0, "eval.batch": 8,
+    "snapshot.round-to": 1, "snapshot.recover-epochs": 1,
+    # The fixed recipe: most tests are not about the search (tests/test_search.py is), and it costs seconds each
+    "snapshot.prune-ratio": "0.5", "snapshot.float-layers": "3", "snapshot.calib-frames": 16, "train.batch": 8, "train.epochs": 1, "train.threads": 2, "train.warmup-steps": 0, "eval.batch": 8,
 }
 
 

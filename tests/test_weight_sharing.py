@@ -31,7 +31,7 @@ def test_kmeans_gives_each_weight_its_nearest_of_k_values():
 
 def int8_of(model, cfg, path):
     fp32 = export_onnx(model, path.with_name(path.stem + "_fp32.onnx"), cfg.data.imgsz, {})
-    return quantize(fp32, path, calibration_frames(cfg), "x86", "static", cfg.snapshot.float_layers).read_bytes()
+    return quantize(fp32, path, calibration_frames(cfg), "x86", "static", cfg.snapshot.first_float or 0).read_bytes()
 
 
 def test_shared_weights_stay_few_through_int8_and_pack_exactly(trained, tmp_path):

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from server.federation.events import client_error
 from server.snapshots.export import export_onnx, inspect_optimized, pre_process, quantize
-from server.snapshots.pipeline import SnapshotResult, calibration_frames, latency_ms
+from server.snapshots.pipeline import SnapshotResult, calibration_frames, latency_ms, within
 from server.snapshots.registry import Registry, check_camera_id, now_iso
 from shared.arrays import UpdateError, layout_of, pack, to_record, to_state_dict, unpack
 from shared.config import Config
@@ -131,8 +131,9 @@ def camera_snapshots(grid, cfg: Config, base: SnapshotResult, registry: Registry
                 continue
             work = Path(tmp) / f"node{c.node}"
             work.mkdir()
+            # The float layers of the global snapshot: chosen for this structure (precision.py), the same here
             out = quantize(fp32, work / "model.onnx", frame, s.target, s.method,
-                           s.float_layers, ranges=ranges, pre=pre)
+                           b.extra.get("float_layers", 0), ranges=ranges, pre=pre)
             int8s[c.node] = (out, inspect_optimized(out, work), int(metrics["frames"]), len(ranges), metrics)
             c.server_seconds += time.perf_counter() - t0
         score = {n: RecordDict({"config": ConfigRecord({"onnx": v[0].read_bytes()})}) for n, v in int8s.items()}
@@ -164,9 +165,9 @@ def _gate_and_publish(c: Camera, metrics, int8, base: SnapshotResult, cfg: Confi
                         map_int8=float(metrics["map-int8"]), latency_ms=latency_ms(path, b.imgsz),
                         created=now_iso(), parent_checkpoint=b.parent_checkpoint, nms=b.nms, extra=extra)
     c.version = manifest.version
-    if drop > cfg.snapshot.tolerance:
+    if not within(c.map50_int8, c.map50_fp32, cfg.snapshot.tolerance):
         c.reason = (f"mAP50 {c.map50_int8:.3f} int8 vs {c.map50_fp32:.3f} fp32 on camera {c.camera}, drop {drop:.3f} "
-                    f"> tolerance {cfg.snapshot.tolerance}")
+                    f"> tolerance {cfg.snapshot.tolerance:.0%} of fp32")
         registry.reject(manifest, c.reason, c.camera)
         return
     registry.publish(manifest, path, c.camera)

@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from server.snapshots.export import GraphReport, export_onnx, inspect_optimized, quantize
+from server.snapshots import costmodel, search
+from server.snapshots.export import float_nodes
 from server.snapshots.prune import prune
 from server.snapshots.registry import Registry, now_iso
 from shared import models, task
@@ -32,6 +33,7 @@ log = logging.getLogger("fedcam.server")
 # (stage, done, total): what the snapshot is doing, for progress bars (e.g. "prune 25%: recovering", 40, 120).
 TAYLOR_BATCHES = 8  # labelled base-domain batches whose loss gradients rank the channels (taylor importance)
 StageProgress = Callable[[str, int, int], None]
+within = search.within  # the gate, also the per-camera snapshots' (cameras.py)
 
 
 @dataclass
@@ -82,46 +84,61 @@ def privacy_of(checkpoint: str) -> dict:
 
 def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
                   progress: StageProgress | None = None) -> SnapshotResult:
-    """Gate the pruned int8 candidate; if it loses too much, fall back to the dense int8 one (never to nothing
-    while a good snapshot can be made). Only when every candidate fails is the snapshot rejected."""
+    """Search the compression under the gate (search.py): the fastest candidate whose int8 mAP50 keeps all but
+    snapshot.tolerance of the dense fp32 student's on held-out camera data, the unpruned int8 one as the fallback.
+    Only when every candidate fails is the snapshot rejected."""
     s, imgsz, names = cfg.snapshot, cfg.data.imgsz, [dense.names[i] for i in sorted(dense.names)]
     say = progress or (lambda stage, done, total: None)
     say("scoring the fp32 student", 0, 1)
     held_out = [task.camera_yaml(cfg, k) for k in task.eval_cameras(cfg)]
     loader, settings = (lambda: task.make_loader(held_out, "val", cfg, False)), task.nms_settings(cfg)
     ref = evaluate(TorchPredictor(dense, settings), loader(), names)
-    version, failed, frames = registry.next_version(), [], calibration_frames(cfg)
+    version, frames = registry.next_version(), calibration_frames(cfg)
     params_unpruned = unpruned_params(dense)
+    metadata = {"snapshot_version": version, "round": str(rnd)}
     with tempfile.TemporaryDirectory() as tmp:
-        for ratio in dict.fromkeys([s.prune_ratio, 0.0]):  # the configured ratio first, then no pruning
-            work = Path(tmp) / f"prune{ratio}"
-            cand = _candidate(dense, ratio, cfg, frames, work, {"snapshot_version": version, "round": str(rnd)}, say)
-            say(f"prune {ratio:.0%}: scoring the int8 candidate", 0, 1)
-            got = evaluate(Detector(cand.path, imgsz, settings, cfg.train.threads), loader(), names)
-            drop = ref.map50 - got.map50
-            if drop <= s.tolerance:
-                break
-            failed.append(f"prune {ratio:.0%}: mAP50 {got.map50:.3f} int8 vs {ref.map50:.3f} fp32, drop {drop:.3f} > "
-                          f"tolerance {s.tolerance}")
-            log.warning("snapshot %s candidate rejected: %s", version, failed[-1])
+        def score(cand: search.Candidate):
+            say(f"prune {cand.ratio:.0%}: scoring the int8 candidate", 0, 1)
+            return evaluate(Detector(cand.path, imgsz, settings, cfg.train.threads), loader(), names)
+
+        def build(model, ratio: float, epochs: int, **kw) -> search.Candidate:
+            return search.candidate(model, ratio, epochs, cfg, frames, Path(tmp), metadata, say, dense, **kw)
+
+        out = search.run(dense, cfg, ref.map50, score, build, lambda path: latency_ms(path, imgsz), say)
+        cand, got = (out.best, out.best_score) if out.best is not None else (out.last, out.last_score)
+        failed = [f"prune {t.ratio:.0%}: mAP50 {t.map50:.3f} int8 vs {ref.map50:.3f} fp32, {t.drop:.1%} lost > "
+                  f"tolerance {s.tolerance:.0%}" for t in out.tried if not t.passed]
+        chosen = next(t for t in out.tried if t.ratio == cand.ratio)
         manifest = Manifest(version=version, round=rnd, target=s.target, sha256=sha256_file(cand.path),
                             size=cand.path.stat().st_size, imgsz=imgsz, names=names, map50_fp32=ref.map50,
                             map50_int8=got.map50, map_fp32=ref.map, map_int8=got.map,
                             latency_ms=latency_ms(cand.path, imgsz), created=now_iso(), parent_checkpoint=parent,
                             nms={"iou": settings.iou, "max_det": settings.max_det},
-                            extra={"prune_ratio": ratio, "params": cand.params, "params_unpruned": params_unpruned,
-                                   "method": s.method, "float_layers": s.float_layers,
-                                   "int8_convs": cand.graph.int8_convs, "float_convs": cand.graph.float_convs,
-                                   "cluster": s.cluster, "privacy": privacy_of(parent),
-                                   "rejected_candidates": failed})
-        published = drop <= s.tolerance
+                            extra={"prune_ratio": cand.ratio, "params": cand.params, "params_unpruned": params_unpruned,
+                                   "method": s.method, "float_layers": cand.float_layers,
+                                   "float_layers_why": {x["index"]: x["why"] for x in
+                                                        cand.precision.get("layers", []) if x["float"]},
+                                   "precision": cand.precision, "int8_convs": cand.graph.int8_convs,
+                                   "float_convs": cand.graph.float_convs, "cluster": s.cluster,
+                                   "privacy": privacy_of(parent), "tolerance": s.tolerance,
+                                   "latency_target": s.latency_target, "target_ms": round(chosen.target_ms, 3),
+                                   "latency_estimated": s.latency_target != "host",
+                                   "cortex_a7_ms_estimate": round(costmodel.estimate_ms(
+                                       cand.path.with_name("fp32.onnx"),
+                                       float_nodes(cand.path.with_name("fp32.onnx"), cand.float_layers),
+                                       "cortex-a7"), 1),
+                                   "latency_budget_ms": s.latency_budget_ms,
+                                   "latency_budget_met": bool(s.latency_budget_ms <= 0 or
+                                                              chosen.target_ms <= s.latency_budget_ms),
+                                   **search.record(out), "rejected_candidates": failed})
+        published = out.best is not None
         if published:  # what was signed: the registry adds its delta and packed forms to the manifest
             folder = registry.publish(manifest, cand.path)
             manifest = Manifest.from_bytes((folder / MANIFEST_FILE).read_bytes())
         else:
             registry.reject(manifest, "; ".join(failed))
     reason = "; ".join(failed)
-    if published and failed:  # what the dashboard shows next to "published"
+    if published and failed and cand.ratio == 0.0 and s.ratio:  # what the dashboard shows next to "published"
         reason = f"fell back to unpruned; {reason}"
     return SnapshotResult(manifest, published, reason, cand.graph.int8_convs, cand.graph.float_convs,
                           params_unpruned, cand.params, cand.model)
@@ -134,45 +151,22 @@ def unpruned_params(model) -> int:
     return count_params(models.build(unpruned(model.yaml), list(model.names.values())))
 
 
-@dataclass
-class Candidate:
-    path: Path
-    graph: GraphReport
-    params: int
-    model: object  # the fp32 student it was quantized from
-
-
-def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None, progress: Progress | None = None):
+def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None, progress: Progress | None = None,
+                   teacher=None, epochs: int | None = None):
     """A copy of `dense` with `ratio` of its channels pruned, ranked by snapshot.importance (taylor: on the server's
-    labelled frames), recovered for snapshot.recover-epochs by distillation from `dense` on the server's frames
-    (seeded). Used by snapshots (`dense` itself stays as it is) and by the warm start (model.student-prune)."""
+    labelled frames), recovered for `epochs` (default snapshot.recover-epochs) by distillation from `teacher`
+    (default `dense`) on the server's frames (seeded). Used by snapshots (`dense` itself stays as it is), their
+    search (a step of a model already pruned, distilled from the dense one) and by the warm start."""
     s, batches = cfg.snapshot, None
+    epochs = s.recover_epochs if epochs is None else epochs
     if s.importance == "taylor":
         loader = task.make_loader(task.base_yaml(cfg), "train", cfg, True, cfg.seed if seed is None else seed)
         batches = itertools.islice(loader, TAYLOR_BATCHES)
     model = prune(dense, ratio, cfg.data.imgsz, s.round_to, batches)
-    if ratio > 0 and s.recover_epochs > 0:
+    if ratio > 0 and epochs > 0:
         # Distillation alone (det_weight 0): the server's labels are of its base domain, and training on them pulls
         # the student away from the cameras' domains (measured: README, "Snapshots and devices").
-        spec = TrainSpec.central(cfg.train, epochs=s.recover_epochs, lr=cfg.train.lr / 2, warmup_steps=0,
-                                 det_weight=0.0)
-        task.distill_fit(model, copy.deepcopy(dense), task.base_yaml(cfg), cfg, spec, seed, progress=progress)
+        spec = TrainSpec.central(cfg.train, epochs=epochs, lr=cfg.train.lr / 2, warmup_steps=0, det_weight=0.0)
+        teacher = copy.deepcopy(teacher if teacher is not None else dense)
+        task.distill_fit(model, teacher, task.base_yaml(cfg), cfg, spec, seed, progress=progress)
     return model
-
-
-def _candidate(dense, ratio: float, cfg: Config, frames: np.ndarray, work: Path, metadata: dict[str, str],
-               progress: StageProgress) -> Candidate:
-    """1. prune and recover (ratio > 0), 2. export, 3. quantize and check what onnxruntime really runs."""
-    s = cfg.snapshot
-    steps = lambda done, total, _loss: progress(f"prune {ratio:.0%}: recovering", done, total)  # noqa: E731
-    model = pruned_student(dense, ratio, cfg, progress=steps) if ratio > 0 else dense
-    if s.cluster:  # weight sharing: the int8 model then packs into indices + codebooks (shared/snapshot/packed.py)
-        from server.snapshots.cluster import clustered_student
-
-        shares = lambda done, total, _loss: progress(f"prune {ratio:.0%}: sharing weights", done, total)  # noqa: E731
-        model = clustered_student(model, dense, cfg, progress=shares)
-    progress(f"prune {ratio:.0%}: export and int8 quantization", 0, 1)
-    work.mkdir(parents=True, exist_ok=True)
-    fp32 = export_onnx(model, work / "fp32.onnx", cfg.data.imgsz, metadata)
-    int8 = quantize(fp32, work / "model.onnx", frames, s.target, s.method, s.float_layers)
-    return Candidate(int8, inspect_optimized(int8, work), count_params(model), model)

@@ -1,0 +1,80 @@
+"""The snapshot search (prune-ratio auto), mixed precision chosen per checkpoint, and the relative gate."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.snapshots import costmodel, precision
+from server.snapshots.export import export_onnx, float_nodes, quantize
+from server.snapshots.pipeline import calibration_frames, make_snapshot
+from server.snapshots.registry import Registry
+from server.snapshots.search import step_ratio, within
+
+
+def test_snapshot_config_is_validated(tiny_cfg):
+    for key, bad in (("snapshot.prune-ratio", "most"), ("snapshot.prune-ratio", "1.5"), ("snapshot.float-layers", "x"),
+                     ("snapshot.search-ratios", "0.5,0.25"), ("snapshot.search-ratios", "0.5,1.0"),
+                     ("snapshot.latency-target", "cortex-m4")):
+        with pytest.raises(ValueError, match=key.split(".")[1]):
+            tiny_cfg.replace(**{key: bad})
+    auto = tiny_cfg.replace(**{"snapshot.prune-ratio": "auto", "snapshot.float-layers": "auto"}).snapshot
+    assert auto.ratio is None and auto.first_float is None and auto.ladder == [0.25, 0.5, 0.625, 0.75]
+    assert tiny_cfg.replace(**{"snapshot.prune-ratio": 0.25}).snapshot.ratio == 0.25
+
+
+def test_the_gate_is_relative_and_steps_compose():
+    assert within(0.49, 0.5, 0.02) and not within(0.48, 0.5, 0.02)  # 2 % of 0.5 is 0.01
+    assert within(0.098, 0.1, 0.02) and not within(0.097, 0.1, 0.02)
+    assert step_ratio(0.25, 0.5) == pytest.approx(1 / 3)  # 75 % of the channels left, two thirds of them kept
+    assert 1 - (1 - 0.25) * (1 - step_ratio(0.25, 0.625)) == pytest.approx(0.625)
+
+
+def test_float_layers_are_chosen_with_reasons_and_honoured(trained, tmp_path):
+    cfg, model, _ = trained
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", cfg.data.imgsz, {})
+    frames = calibration_frames(cfg)
+    seen = []
+    chosen = precision.choose(fp32, frames, "x86", tmp_path, 0.05, lambda done, total: seen.append((done, total)))
+    indices = precision.layer_indices(fp32)
+    assert [x.index for x in chosen.layers] == indices and seen[-1] == (2 * len(indices),) * 2
+    assert all(x.error >= 0 for x in chosen.layers) and chosen.int8_ms > 0
+    assert chosen.float_layers == sorted(x.index for x in chosen.layers if x.float)
+    assert all(x.why for x in chosen.layers if x.float) and not any(x.why for x in chosen.layers if not x.float)
+    assert not list((tmp_path / "precision").glob("*.onnx"))  # its variants are cleaned up
+    # quantize keeps exactly the listed layers float (beside the head's fixed float part)
+    listed = [indices[1], indices[3]]
+    kept = set(float_nodes(fp32, listed)) - set(float_nodes(fp32, []))
+    assert kept and all(any(f"/model.{i}/" in n for i in listed) for n in kept)
+    q = quantize(fp32, tmp_path / "q.onnx", frames, "x86", float_layers=listed)
+    assert q.exists()
+    # the cost model counts every conv, and float layers cost more on a core whose int8 is faster
+    all_int8 = costmodel.estimate_ms(fp32, float_nodes(fp32, []), "cortex-a53")
+    assert 0 < all_int8 < costmodel.estimate_ms(fp32, float_nodes(fp32, indices), "cortex-a53")
+
+
+def test_auto_search_records_every_candidate_and_keeps_its_budget(trained, tmp_path):
+    cfg, model, ref = trained
+    registry = Registry(tmp_path / "snapshots", tmp_path / "key.pem")
+    auto = cfg.replace(**{"snapshot.prune-ratio": "auto", "snapshot.search-ratios": "0.25,0.5",
+                          "snapshot.float-layers": "3", "snapshot.recover-epochs": 2, "snapshot.tolerance": 1.0,
+                          "snapshot.latency-target": "cortex-a7"})
+    result = make_snapshot(model, auto, 1, "c1", registry)
+    extra = result.manifest.extra
+    tried = extra["candidates"]
+    assert result.published and [t["ratio"] for t in tried] == [0.0, 0.25, 0.5]  # tolerance 1: every step passes
+    assert [t["epochs"] for t in tried] == [0, 1, 1]  # each step recovers for its share of recover-epochs
+    assert all(t["passed"] and t["latency_ms"] > 0 and t["target_ms"] > 0 for t in tried)
+    assert extra["prune_ratio"] == min(tried, key=lambda t: t["target_ms"])["ratio"]  # the fastest on the target
+    assert tried[2]["params"] < tried[1]["params"] < tried[0]["params"]
+    assert extra["latency_target"] == "cortex-a7" and extra["latency_estimated"] and extra["cortex_a7_ms_estimate"] > 0
+    # No time left after the unpruned candidate: no step of the ladder is finished, the unpruned one is published
+    # (and its float layers are chosen, each with its reason in the manifest)
+    none = make_snapshot(model, auto.replace(**{"snapshot.search-minutes": 0.0, "snapshot.float-layers": "auto"}), 2,
+                         "c2", registry)
+    assert none.published and [t["ratio"] for t in none.manifest.extra["candidates"]] == [0.0]
+    assert "budget" in none.manifest.extra["search_stopped"]
+    why = none.manifest.extra["float_layers_why"]
+    assert {int(k) for k in why} == set(none.manifest.extra["float_layers"]) and all(why.values())
+    # A latency budget the unpruned candidate already meets ends the search there
+    met = make_snapshot(model, auto.replace(**{"snapshot.latency-budget-ms": 1e6}), 3, "c3", registry)
+    assert [t["ratio"] for t in met.manifest.extra["candidates"]] == [0.0] and met.manifest.extra["latency_budget_met"]
