@@ -144,7 +144,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         pruned = pruned_student(student, args.prune_ratio, cfg)  # as the snapshot prunes and recovers
-        frames, fl = calibration_frames(cfg), cfg.snapshot.first_float or 3  # "auto": the old fixed 3
+        frames, fl = calibration_frames(cfg), 3 if cfg.snapshot.first_float is None else cfg.snapshot.first_float  # auto: the old 3
         if args.seeds > 1:
             seed_spread(student, pruned, args, cfg, frames, held, names, work)
         rows = []
@@ -204,7 +204,7 @@ def map50(path: Path, cfg, held, names) -> float:
 
 def seed_spread(student, first, args, cfg, frames, held, names, work: Path) -> None:
     """int8 mAP50 of the pruned snapshot over several recoveries, against Ultralytics' fp32 export."""
-    imgsz, fl = cfg.data.imgsz, cfg.snapshot.first_float or 3
+    imgsz, fl = cfg.data.imgsz, 3 if cfg.snapshot.first_float is None else cfg.snapshot.first_float
     ref = map50(ultralytics_exports(student, work, imgsz, task.base_yaml(cfg), False)["ultralytics fp32"], cfg, held,
                 names)
     shares = []
