@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--imgsz", type=int, default=320, help="the size latency is timed at")
     ap.add_argument("--runs", type=int, default=50, help="timed runs per model and timing round")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds; the median of their p50s is reported")
+    ap.add_argument("--no-fixed", action="store_true", help="leave out the fixed recipe (48 epochs of recovery)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override of the search")
     args = ap.parse_args()
     print(f"instruction sets: {isa_summary()}", flush=True)
@@ -57,12 +58,14 @@ def main() -> None:
         print(f"dense fp32 mAP50 {result.manifest.map50_fp32:.3f}; estimated Cortex-A7 (1 core) "
               f"{extra['cortex_a7_ms_estimate']} ms against the seed camera's 50 ms")
         # The fixed recipe, timed beside it: 50 %, 48 recovery epochs, first 3 layers float
-        fixed = pruned_student(student, 0.5, cfg, epochs=48)
+        fixed = None if args.no_fixed else pruned_student(student, 0.5, cfg, epochs=48)
         frames = calibration_frames(cfg)
         at = {}  # name -> (model at the timing size, its mAP50 at the training size, float layers)
         searched = result.student
         for name, model, layers in (("searched", searched, extra["float_layers"]), ("fixed 50%/48/3", fixed, 3),
                                     ("unpruned int8 (3 float)", student, 3)):
+            if model is None:
+                continue
             fp = export_onnx(model, work / f"{len(at)}fp.onnx", cfg.data.imgsz, {})
             q = quantize(fp, work / f"{len(at)}q.onnx", frames, cfg.snapshot.target, "static", layers)
             big = export_onnx(model, work / f"{len(at)}fp{args.imgsz}.onnx", args.imgsz, {})
