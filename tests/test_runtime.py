@@ -278,3 +278,36 @@ def test_a_weight_shared_snapshot_downloads_as_indices_and_codebooks(fleet, tiny
     packed.write_bytes(packed.read_bytes()[:-1] + b"\0")
     assert fresh.poll_once() == f"updated {v1}" and fresh.downloaded > model.stat().st_size
     assert sha256_file(tmp / "device2" / "snapshots" / v1 / MODEL_FILE) == sha256_file(model)
+
+
+def test_device_check_verifies_then_saves_what_the_snapshot_computed_and_refuses_a_tampered_one(fleet, tiny_cfg):
+    """`fedcam-device check`: the arm64 comparison's device side (simulations/arm64_check.py), on this CPU."""
+    import cv2
+
+    from client.runtime.cli import main as device
+    from server.snapshots.registry import PUBLIC_KEY
+
+    registry, _, models, tmp = fleet
+    folder = registry.folder() / publish(registry, models[0], tiny_cfg.data.names)
+    frames = tmp / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        cv2.imwrite(str(frames / f"f{i}.png"), rng.integers(0, 255, (48, 80, 3), dtype=np.uint8))
+    argv = ["check", "--snapshot", str(folder), "--key", str(registry.root / PUBLIC_KEY), "--source", str(frames),
+            "--conf", "0.0"]
+    device([*argv, "--out", str(tmp / "out.npz")])
+    out = np.load(tmp / "out.npz")
+    nc = len(tiny_cfg.data.names)
+    for i in range(2):
+        assert out[f"{i}/raw"].shape[:2] == (1, 4 + nc) and np.isfinite(out[f"{i}/raw"]).all()
+        assert out[f"{i}/boxes"].shape == (len(out[f"{i}/scores"]), 4)
+        assert (out[f"{i}/boxes"] <= [80, 48, 80, 48]).all()  # mapped back to the 80x48 frame's own pixels
+    with open(folder / MODEL_FILE, "r+b") as f:  # one flipped byte
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(SnapshotError, match="sha256"):
+        device([*argv, "--out", str(tmp / "tampered.npz")])
+    assert not (tmp / "tampered.npz").exists()

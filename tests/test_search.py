@@ -29,29 +29,6 @@ def test_the_gate_is_relative_and_steps_compose():
     assert 1 - (1 - 0.25) * (1 - step_ratio(0.25, 0.625)) == pytest.approx(0.625)
 
 
-def test_float_layers_are_chosen_with_reasons_and_honoured(trained, tmp_path):
-    cfg, model, _ = trained
-    fp32 = export_onnx(model, tmp_path / "fp32.onnx", cfg.data.imgsz, {})
-    frames = calibration_frames(cfg)
-    seen = []
-    chosen = precision.choose(fp32, frames, "x86", tmp_path, 0.05, lambda done, total: seen.append((done, total)))
-    indices = precision.layer_indices(fp32)
-    assert [x.index for x in chosen.layers] == indices and seen[-1] == (2 * len(indices),) * 2
-    assert all(x.error >= 0 for x in chosen.layers) and chosen.int8_ms > 0
-    assert chosen.float_layers == sorted(x.index for x in chosen.layers if x.float)
-    assert all(x.why for x in chosen.layers if x.float) and not any(x.why for x in chosen.layers if not x.float)
-    assert not list((tmp_path / "precision").glob("*.onnx"))  # its variants are cleaned up
-    # quantize keeps exactly the listed layers float (beside the head's fixed float part)
-    listed = [indices[1], indices[3]]
-    kept = set(float_nodes(fp32, listed)) - set(float_nodes(fp32, []))
-    assert kept and all(any(f"/model.{i}/" in n for i in listed) for n in kept)
-    q = quantize(fp32, tmp_path / "q.onnx", frames, "x86", float_layers=listed)
-    assert q.exists()
-    # the cost model counts every conv, and float layers cost more on a core whose int8 is faster
-    all_int8 = costmodel.estimate_ms(fp32, float_nodes(fp32, []), "cortex-a53")
-    assert 0 < all_int8 < costmodel.estimate_ms(fp32, float_nodes(fp32, indices), "cortex-a53")
-
-
 def test_auto_search_records_every_candidate_and_keeps_its_budget(trained, tmp_path):
     cfg, model, ref = trained
     registry = Registry(tmp_path / "snapshots", tmp_path / "key.pem")
@@ -75,6 +52,21 @@ def test_auto_search_records_every_candidate_and_keeps_its_budget(trained, tmp_p
     assert "budget" in none.manifest.extra["search_stopped"]
     why = none.manifest.extra["float_layers_why"]
     assert {int(k) for k in why} == set(none.manifest.extra["float_layers"]) and all(why.values())
+    # ... from a measurement of every layer: its int8 error and its float latency, a reason exactly where it is float
+    layers = none.manifest.extra["precision"]["layers"]
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", cfg.data.imgsz, {})
+    indices = precision.layer_indices(fp32)
+    assert [x["index"] for x in layers] == indices and all(x["error"] >= 0 for x in layers)
+    assert none.manifest.extra["float_layers"] == sorted(x["index"] for x in layers if x["float"])
+    assert all(bool(x["why"]) == x["float"] for x in layers)
+    # quantize keeps exactly the listed layers float (beside the head's fixed float part)
+    listed = [indices[1], indices[3]]
+    kept = set(float_nodes(fp32, listed)) - set(float_nodes(fp32, []))
+    assert kept and all(any(f"/model.{i}/" in n for i in listed) for n in kept)
+    assert quantize(fp32, tmp_path / "q.onnx", calibration_frames(cfg), "x86", float_layers=listed).exists()
+    # the cost model counts every conv, and float layers cost more on a core whose int8 is faster
+    all_int8 = costmodel.estimate_ms(fp32, float_nodes(fp32, []), "cortex-a53")
+    assert 0 < all_int8 < costmodel.estimate_ms(fp32, float_nodes(fp32, indices), "cortex-a53")
     # A latency budget the unpruned candidate already meets ends the search there
     met = make_snapshot(model, auto.replace(**{"snapshot.latency-budget-ms": 1e6}), 3, "c3", registry)
     assert [t["ratio"] for t in met.manifest.extra["candidates"]] == [0.0] and met.manifest.extra["latency_budget_met"]

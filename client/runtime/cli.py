@@ -1,4 +1,4 @@
-"""`fedcam-device`: detect with a snapshot, run the update agent, or collect frames for training (numpy/onnxruntime/cv2 only)."""
+"""`fedcam-device`: detect with a snapshot, run the update agent, collect frames, or check a snapshot (numpy/onnxruntime/cv2 only)."""
 
 from __future__ import annotations
 
@@ -113,6 +113,36 @@ def cmd_run(args) -> None:
         stop.set()
 
 
+def cmd_check(args) -> None:
+    """Verify a snapshot against the pinned key, run it on frames and save what it computed, to compare devices."""
+    from shared.snapshot.format import MODEL_FILE, load_public_key, verify_dir
+    from shared.snapshot.inference import Detector, device_settings, letterbox, session, to_chw_rgb
+
+    folder = Path(args.snapshot)
+    manifest = verify_dir(folder, load_public_key(Path(args.key).read_bytes()))
+    detector = Detector(folder / MODEL_FILE, manifest.imgsz, device_settings(manifest, args.conf), args.threads)
+    # The probe: the same graph with inner tensors as extra outputs (made by the host from this model). It is a
+    # diagnostic, not a snapshot: nothing of it is installed.
+    probe = session(args.probe, args.threads) if args.probe else None
+    out: dict[str, np.ndarray] = {}
+    for i, (frame_id, img) in enumerate(frames(args.source)):
+        det = detector.detect(img)
+        out.update({f"{i}/boxes": det.boxes, f"{i}/scores": det.scores, f"{i}/classes": det.classes})
+        x = to_chw_rgb(letterbox(img, detector.imgsz)[0])[None]
+        out[f"{i}/raw"] = detector.raw(x)
+        if probe is not None:
+            names = [o.name for o in probe.get_outputs()]
+            for name, value in zip(names, probe.run(None, {detector.input: x.astype(np.float32) / 255.0})):
+                out[f"{i}/tensor/{name}"] = value
+        print(json.dumps({"frame": frame_id, "snapshot": manifest.version, **det.as_dict(manifest.names)}),
+              flush=True)
+    if not out:
+        raise SystemExit(f"no readable frame in {args.source}")
+    np.savez_compressed(args.out, **out)
+    logging.info("snapshot %s verified; %d frames run; results in %s", manifest.version,
+                 len({k.split("/")[0] for k in out}), args.out)
+
+
 def cmd_collect(args) -> None:
     from client.runtime.collector import FrameStore, collect
 
@@ -125,13 +155,18 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     ap = argparse.ArgumentParser(prog="fedcam-device", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("detect", "run"):
+    for name in ("detect", "run", "check"):
         p = sub.add_parser(name)
         p.add_argument("--source", required=True, help="image, folder, video, camera index or RTSP URL")
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--conf", type=float, default=0.25)
         p.add_argument("--annotate", type=Path, default=None, help="write annotated frames here")
     sub.choices["detect"].add_argument("--snapshot", required=True, help="snapshot folder (model.onnx + manifest)")
+    check = sub.choices["check"]
+    check.add_argument("--snapshot", required=True, help="snapshot folder, verified before it runs")
+    check.add_argument("--key", required=True, help="the server's public key (PEM)")
+    check.add_argument("--out", type=Path, required=True, help="write raw outputs and detections here (.npz)")
+    check.add_argument("--probe", default=None, help="the model with inner tensors as extra outputs, also saved")
     run = sub.choices["run"]
     run.add_argument("--server", required=True, help="registry URL, e.g. http://127.0.0.1:8080")
     run.add_argument("--state", type=Path, default=Path.home() / ".fedcam-device")
@@ -151,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     col.add_argument("--min-change", type=float, default=4.0, help="mean grey-level change to count as new")
     col.add_argument("--max-new", type=int, default=None, help="stop after storing this many frames")
     args = ap.parse_args(argv)
-    {"detect": cmd_detect, "run": cmd_run, "collect": cmd_collect}[args.cmd](args)
+    {"detect": cmd_detect, "run": cmd_run, "collect": cmd_collect, "check": cmd_check}[args.cmd](args)
 
 
 if __name__ == "__main__":
