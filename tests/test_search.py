@@ -70,3 +70,18 @@ def test_auto_search_records_every_candidate_and_keeps_its_budget(trained, tmp_p
     # A latency budget the unpruned candidate already meets ends the search there
     met = make_snapshot(model, auto.replace(**{"snapshot.latency-budget-ms": 1e6}), 3, "c3", registry)
     assert [t["ratio"] for t in met.manifest.extra["candidates"]] == [0.0] and met.manifest.extra["latency_budget_met"]
+
+
+def test_arm64_float_layers_take_latency_from_the_cost_model_and_errors_from_the_graph_as_written(trained, tmp_path):
+    """This machine's kernels are not an ARM camera's: for the arm64 target the latency side of the choice is the
+    cost model's ARM core (the same figures every run, on any host) and the int8 error is the QDQ graph's own."""
+    cfg, model, _ = trained
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", cfg.data.imgsz, {})
+    frames = calibration_frames(cfg)
+    a = precision.choose(fp32, frames, "arm64", tmp_path, 0.05, core="cortex-a53")
+    assert [x.index for x in a.layers] == precision.layer_indices(fp32) and all(x.error >= 0 for x in a.layers)
+    assert a.int8_ms == costmodel.estimate_ms(fp32, float_nodes(fp32, []), "cortex-a53")
+    first = a.layers[0]  # chosen first, next to no other float layer: its cost is the model's with it float
+    assert first.float_ms == pytest.approx(
+        costmodel.estimate_ms(fp32, float_nodes(fp32, [first.index]), "cortex-a53") - a.int8_ms)
+    assert all("cortex-a53" in x.why for x in a.layers if x.why.startswith("faster"))

@@ -120,10 +120,11 @@ def cmd_check(args) -> None:
 
     folder = Path(args.snapshot)
     manifest = verify_dir(folder, load_public_key(Path(args.key).read_bytes()))
-    detector = Detector(folder / MODEL_FILE, manifest.imgsz, device_settings(manifest, args.conf), args.threads)
+    detector = Detector(folder / MODEL_FILE, manifest.imgsz, device_settings(manifest, args.conf), args.threads,
+                        not args.unoptimized)
     # The probe: the same graph with inner tensors as extra outputs (made by the host from this model). It is a
     # diagnostic, not a snapshot: nothing of it is installed.
-    probe = session(args.probe, args.threads) if args.probe else None
+    probe = session(args.probe, args.threads, not args.unoptimized) if args.probe else None
     out: dict[str, np.ndarray] = {}
     for i, (frame_id, img) in enumerate(frames(args.source)):
         det = detector.detect(img)
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--key", required=True, help="the server's public key (PEM)")
     check.add_argument("--out", type=Path, required=True, help="write raw outputs and detections here (.npz)")
     check.add_argument("--probe", default=None, help="the model with inner tensors as extra outputs, also saved")
+    check.add_argument("--unoptimized", action="store_true",
+                       help="run the graph as written: int8 as float arithmetic, the reference for comparing CPUs")
     run = sub.choices["run"]
     run.add_argument("--server", required=True, help="registry URL, e.g. http://127.0.0.1:8080")
     run.add_argument("--state", type=Path, default=Path.home() / ".fedcam-device")

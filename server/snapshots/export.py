@@ -25,6 +25,16 @@ TARGETS = {  # activations, weights: U8S8 fuses into real int8 kernels on x86; A
 }
 
 
+
+def runs_integer_kernels(target: str) -> bool:
+    """Whether the server scores a target's int8 model with onnxruntime's integer kernels on this CPU (x86: what an
+    x86 device runs) or as the QDQ graph is written, in float arithmetic (arm64). Measured with
+    simulations/arm64_check.py: aarch64's NEON kernels match the float-evaluated graph within 4 quantization steps
+    at the int8 -> float boundaries, while this machine's x86 kernels (AVX2, no VNNI) depart from it by up to 57
+    steps on the signed-int8 graph; gating with them would judge arithmetic the camera never runs."""
+    return target != "arm64"
+
+
 class ExpectationDFL(torch.nn.Module):
     """Ultralytics' DFL decode (expected bin under a softmax over the bins of each box side), computed without a
     Softmax: exp(x - max) in one pass over the head's own channel layout, then one matmul giving, per side, the

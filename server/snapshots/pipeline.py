@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from server.snapshots import costmodel, search
-from server.snapshots.export import float_nodes
+from server.snapshots.export import float_nodes, runs_integer_kernels
 from server.snapshots.prune import prune
 from server.snapshots.registry import Registry, now_iso
 from shared import models, task
@@ -99,7 +99,8 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
     with tempfile.TemporaryDirectory() as tmp:
         def score(cand: search.Candidate):
             say(f"prune {cand.ratio:.0%}: scoring the int8 candidate", 0, 1)
-            return evaluate(Detector(cand.path, imgsz, settings, cfg.train.threads), loader(), names)
+            return evaluate(Detector(cand.path, imgsz, settings, cfg.train.threads, runs_integer_kernels(s.target)),
+                            loader(), names)
 
         def build(model, ratio: float, epochs: int, **kw) -> search.Candidate:
             return search.candidate(model, ratio, epochs, cfg, frames, Path(tmp), metadata, say, dense, **kw)

@@ -11,7 +11,8 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from server.snapshots.export import pre_process, quantize
+from server.snapshots import costmodel
+from server.snapshots.export import float_nodes, pre_process, quantize, runs_integer_kernels
 from shared.snapshot.calibration import activation_ranges
 from shared.snapshot.inference import session
 
@@ -78,14 +79,16 @@ def paired_ms(a: Path, b: Path, x: np.ndarray, runs: int = PAIRED_RUNS) -> tuple
 
 
 def choose(fp32: Path, frames: np.ndarray, target: str, work: Path, budget: float,
-           say: Callable[[int, int], None] | None = None) -> Precision:
+           say: Callable[[int, int], None] | None = None, core: str | None = None) -> Precision:
     """1. each layer's int8 error: the model with that layer alone in int8 against the float model's output;
     2. latency, greedily in graph order: a layer stays float when the model with it float (next to the float
        layers already chosen) is measurably faster, as onnxruntime's int8 kernels are at full resolution on few
        channels;
     3. accuracy: the layers whose error stands out (SENSITIVE x the median), most error per added ms first, stay
        float while the time they add is within `budget` of the all-int8 model's.
-    Activations are calibrated once (`frames`); every variant is quantized from those ranges."""
+    Activations are calibrated once (`frames`); every variant is quantized from those ranges.
+    `core` (an ARM core of costmodel): latencies from the cost model instead of this machine's kernels, which are
+    not the camera's (the arm64 target)."""
     t_start, say = time.perf_counter(), say or (lambda done, total: None)
     work = work / "precision"  # its own folder: every variant in it is deleted at the end
     work.mkdir(parents=True, exist_ok=True)
@@ -99,7 +102,7 @@ def choose(fp32: Path, frames: np.ndarray, target: str, work: Path, budget: floa
         return quantize(fp32, work / f"{name}.onnx", frames, target, "static", float_layers, ranges=ranges, pre=pre)
 
     def outputs(path: Path) -> np.ndarray:
-        s = session(path)
+        s = session(path, optimized=runs_integer_kernels(target))  # errors in the arithmetic the target runs
         return np.concatenate([s.run(None, {"images": probe[i:i + 1]})[0] for i in range(len(probe))])
 
     ref, total = outputs(fp32), 2 * len(layers)
@@ -107,20 +110,27 @@ def choose(fp32: Path, frames: np.ndarray, target: str, work: Path, budget: floa
     for k, i in enumerate(layers):
         errors.append(output_error(outputs(variant("alone", [j for j in layers if j != i])), ref))
         say(k + 1, total)
+    def estimate(float_layers: list[int]) -> float:
+        return costmodel.estimate_ms(fp32, float_nodes(fp32, float_layers), core)
+
     chosen: list[int] = []
-    current = variant("current", chosen)
-    int8_ms, _ = paired_ms(current, current, x, 4)
+    current = None if core else variant("current", chosen)
+    int8_ms = estimate(chosen) if core else paired_ms(current, current, x, 4)[0]
     report = []
     for k, (i, err) in enumerate(zip(layers, errors)):
-        trial = variant(f"trial{i}", sorted(chosen + [i]))
-        base_ms, delta = paired_ms(current, trial, x)
+        if core:
+            base_ms, delta, trial = estimate(chosen), estimate(sorted(chosen + [i])) - estimate(chosen), None
+        else:
+            trial = variant(f"trial{i}", sorted(chosen + [i]))
+            base_ms, delta = paired_ms(current, trial, x)
         layer = Layer(i, err, delta)
         if delta < -MIN_GAIN * base_ms:
-            layer.float, layer.why = True, f"faster in float ({delta:+.3f} ms)"
+            layer.float, layer.why = True, f"faster in float ({delta:+.3f} ms{' on ' + core if core else ''})"
             chosen.append(i)
-            current.unlink()
-            current = trial.rename(work / "current.onnx")
-        else:
+            if trial is not None:
+                current.unlink()
+                current = trial.rename(work / "current.onnx")
+        elif trial is not None:
             trial.unlink()
         report.append(layer)
         say(len(layers) + k + 1, total)

@@ -175,8 +175,11 @@ def candidate(model, ratio: float, epochs: int, cfg: Config, frames: np.ndarray,
     layers: list[int] | int = s.first_float if s.first_float is not None else 0
     chosen = {}
     if s.first_float is None and s.method == "static":
+        # arm64: this machine's kernels are not the camera's; the cost model's core stands in for its latency
+        core = (s.latency_target if s.latency_target != "host" else "cortex-a53") if s.target == "arm64" else None
         mixed = precision.choose(fp32, frames, s.target, work, s.float_budget,
-                                 lambda done, total: progress(f"prune {ratio:.0%}: choosing float layers", done, total))
+                                 lambda done, total: progress(f"prune {ratio:.0%}: choosing float layers", done, total),
+                                 core)
         layers, chosen = mixed.float_layers, mixed.as_dict()
     progress(f"prune {ratio:.0%}: int8 quantization", 0, 1)
     int8 = quantize(fp32, work / "model.onnx", frames, s.target, s.method, layers)

@@ -91,12 +91,16 @@ def decode(raw: np.ndarray, s: NmsSettings) -> np.ndarray:
     return np.concatenate([xyxy[keep], score[keep, None], cls[keep, None].astype(np.float32)], 1)
 
 
-def session(model: Path | str, threads: int = 1):
-    """An onnxruntime CPU session as a camera runs it: `threads` intra-op threads, sequential execution."""
+def session(model: Path | str, threads: int = 1, optimized: bool = True):
+    """An onnxruntime CPU session as a camera runs it: `threads` intra-op threads, sequential execution.
+    optimized=False runs the graph as written (a QDQ model's quantize/dequantize pairs in float arithmetic, no
+    integer kernels): the quantizer's own definition of the int8 model, a reference for comparing CPUs."""
     import onnxruntime as ort  # here, so that importing this module for letterbox alone stays light
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    if not optimized:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
 
 
@@ -123,8 +127,8 @@ class Detector:
     """A snapshot's model.onnx in onnxruntime: camera frames (`detect`) or letterboxed batches (`__call__`)."""
 
     def __init__(self, model: Path | str, imgsz: int | None = None, settings: NmsSettings = NmsSettings(),
-                 threads: int = 1):
-        self.session = session(model, threads)
+                 threads: int = 1, optimized: bool = True):
+        self.session = session(model, threads, optimized)
         spec = self.session.get_inputs()[0]
         self.input, self.settings = spec.name, settings
         self.imgsz = imgsz or int(spec.shape[-1])  # fedcam's exports have a static (1, 3, S, S) input
