@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-fast test-basic-isa bench clean-runs
+.PHONY: setup demo test test-serial test-fast test-basic-isa bench clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,7 +20,23 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/fedcam simulate --scenario simulations/scenarios/demo.toml --run-dir $(DEMO_DIR)
 
+# Two streams at once. Run as one, the suite leaves the second core mostly idle (one-thread training, waits on
+# child processes: 19 CPU-minutes in 21.5 wall-minutes). One stream holds the tests that start Ray (Simulation
+# Engine runs, the Ray cluster): they must never overlap, as a local ray.init joins a `ray start` cluster beside
+# it. The other stream holds every other test; a new test that starts Ray belongs in RAY_TESTS.
+RAY_TESTS := tests/test_federation.py tests/test_privacy.py tests/test_secure.py tests/test_compress.py \
+	tests/test_camera_snapshots.py tests/test_dashboard.py tests/test_ray_cluster.py
+TEST_TMP ?= /tmp/fedcam-tests
 test: setup /usr/bin/chromium
+	@mkdir -p $(TEST_TMP)
+	@$(PY) -m pytest -q -p no:cacheprovider --basetemp=$(TEST_TMP)/other $(addprefix --ignore=,$(RAY_TESTS)) \
+		> $(TEST_TMP)/other.log 2>&1 & other=$$!; \
+	$(PY) -m pytest -q -p no:cacheprovider --basetemp=$(TEST_TMP)/ray $(RAY_TESTS); ray=$$?; \
+	wait $$other; rest=$$?; echo "--- the other tests (beside them):"; cat $(TEST_TMP)/other.log; \
+	echo "tests that start Ray: exit $$ray; the other tests: exit $$rest"; exit $$(( ray || rest ))
+
+# One stream, as plain pytest runs them.
+test-serial: setup /usr/bin/chromium
 	$(PY) -m pytest -q
 
 # The tests whose verdict rests on float arithmetic or a short training, again with PyTorch and oneDNN held to the
