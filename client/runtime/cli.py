@@ -125,6 +125,7 @@ def cmd_check(args) -> None:
     # The probe: the same graph with inner tensors as extra outputs (made by the host from this model). It is a
     # diagnostic, not a snapshot: nothing of it is installed.
     probe = session(args.probe, args.threads, not args.unoptimized) if args.probe else None
+    probed = [o.name for o in probe.get_outputs()] if probe is not None else []
     out: dict[str, np.ndarray] = {}
     for i, (frame_id, img) in enumerate(frames(args.source)):
         det = detector.detect(img)
@@ -132,11 +133,9 @@ def cmd_check(args) -> None:
         x = to_chw_rgb(letterbox(img, detector.imgsz)[0])[None]
         out[f"{i}/raw"] = detector.raw(x)
         if probe is not None:
-            names = [o.name for o in probe.get_outputs()]
-            for name, value in zip(names, probe.run(None, {detector.input: x.astype(np.float32) / 255.0})):
+            for name, value in zip(probed, probe.run(None, {detector.input: x.astype(np.float32) / 255.0})):
                 out[f"{i}/tensor/{name}"] = value
-        print(json.dumps({"frame": frame_id, "snapshot": manifest.version, **det.as_dict(manifest.names)}),
-              flush=True)
+        emit(frame_id, det, manifest.names, manifest.version, args.annotate, img)
     if not out:
         raise SystemExit(f"no readable frame in {args.source}")
     np.savez_compressed(args.out, **out)
