@@ -23,13 +23,15 @@ demo: setup
 # Two streams at once. Run as one, the suite leaves the second core mostly idle (one-thread training, waits on
 # child processes: 19 CPU-minutes in 21.5 wall-minutes). One stream holds the tests that start Ray (Simulation
 # Engine runs, the Ray cluster): they must never overlap, as a local ray.init joins a `ray start` cluster beside
-# it. The other stream holds every other test; a new test that starts Ray belongs in RAY_TESTS.
+# it. The other stream holds every other test; a new test that starts Ray belongs in RAY_TESTS. Each stream
+# trains with one thread (FEDCAM_TEST_THREADS): two 2-thread streams on 2 cores spin against each other.
 RAY_TESTS := tests/test_federation.py tests/test_privacy.py tests/test_secure.py tests/test_compress.py \
 	tests/test_camera_snapshots.py tests/test_dashboard.py tests/test_ray_cluster.py
 TEST_TMP ?= /tmp/fedcam-tests
 test: setup /usr/bin/chromium
 	@mkdir -p $(TEST_TMP)
-	@$(PY) -m pytest -q -p no:cacheprovider --basetemp=$(TEST_TMP)/other $(addprefix --ignore=,$(RAY_TESTS)) \
+	@export FEDCAM_TEST_THREADS=1 OMP_NUM_THREADS=1; \
+	$(PY) -m pytest -q -p no:cacheprovider --basetemp=$(TEST_TMP)/other $(addprefix --ignore=,$(RAY_TESTS)) \
 		> $(TEST_TMP)/other.log 2>&1 & other=$$!; \
 	$(PY) -m pytest -q -p no:cacheprovider --basetemp=$(TEST_TMP)/ray $(RAY_TESTS); ray=$$?; \
 	wait $$other; rest=$$?; echo "--- the other tests (beside them):"; cat $(TEST_TMP)/other.log; \

@@ -42,6 +42,11 @@ class SnapshotHook:
         return self
 
     def __call__(self, event, arrays=None) -> None:
+        if event.kind == "run_start" and self.cfg.snapshot.enabled:
+            # Start the worker now: its interpreter imports torch and Ultralytics (~6 s) while the first round trains,
+            # so round 1's snapshot is not skipped for a newer one merely because the worker was still starting.
+            self._start()
+            return
         if event.kind != "round_end" or not snapshot_round(self.cfg, event.round):
             return
         checkpoint = event.data.get("checkpoint", "")
@@ -68,6 +73,7 @@ class SnapshotHook:
         """Stop the worker: a finished one exits by itself within seconds; a busy one (a failed run) is terminated."""
         if self._proc is None:
             return
+        self._jobs.put(STOP)  # an idle worker (started at run start) exits at once
         self._proc.join(5)
         if self._proc.is_alive():
             self._proc.terminate()
