@@ -173,10 +173,11 @@ def adapt_bn(model, data_yaml: Path, cfg: Config) -> int:
 
 
 def local_finetune(model, data_yaml: Path, cfg: Config, config: Mapping[str, Any], teacher: str = "",
-                   anchor: list | None = None, mu: float = 0.0) -> dict[str, float]:
+                   anchor: list | None = None, mu: float = 0.0, control=None) -> dict[str, float]:
     """Fine-tune in place on this camera's train split (plus, with a teacher, its pseudo-labelled pool and the
     distillation terms); metrics for the server (Flower's num-examples first). With `anchor`, a proximal term
-    mu/2·||w − anchor||² (Ditto: the camera's own model pulled toward the global one)."""
+    mu/2·||w − anchor||² (Ditto: the camera's own model pulled toward the global one); with `control`
+    (client.scaffold.ControlVariate), SCAFFOLD's corrected steps, after which the control variate moves on."""
     spec = TrainSpec.local(cfg.train, cfg.fed, config)  # the server's plan for this round (shared.train.local_plan)
     spec = replace(spec, proximal_mu=mu) if anchor is not None else spec
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -187,11 +188,14 @@ def local_finetune(model, data_yaml: Path, cfg: Config, config: Mapping[str, Any
     if not labelled and not pool:
         raise NodeConfigError(f"{data_yaml}: no labelled train frames" + (
             " and the teacher found nothing in the pool" if teacher else " and no teacher-path to pseudo-label its pool"))
+    correction = control.correction(model) if control is not None else None
     if teacher:
         result = task.distill_fit(model, load_teacher(teacher), labelled, cfg, spec, seed, extra_samples=pool,
-                                  anchor=anchor)
+                                  anchor=anchor, correction=correction)
     else:
-        result = task.fit(model, labelled, cfg, spec, seed=seed, anchor=anchor)
+        result = task.fit(model, labelled, cfg, spec, seed=seed, anchor=anchor, correction=correction)
+    if control is not None:
+        control.advance(model, result.mean_grad)
     return {"num-examples": result.examples, "pseudo-labelled": len(pool), "loss": sum(result.losses) / max(1, len(result.losses)),
             "last-loss": result.losses[-1] if result.losses else 0.0, "steps": result.steps,
             "train-seconds": result.seconds, "update-norm": update_norm(before, model)}

@@ -80,9 +80,10 @@ def train(msg: Message, context: Context) -> Message:
     runs_global = first and (part.keys or adabn) and not part.finetuned
     with stage("eval"):
         own = camera.local_evaluate(model, data, cfg) if runs_global else {}  # what it runs
+    control = scaffold_control(model, part, msg, context, cfg) if config.get("scaffold", False) else None
     with stage("finetune"):
         metrics = camera.local_finetune(model, data, cfg, config,
-                                       teacher=camera.teacher_path(context.node_config, cfg))
+                                       teacher=camera.teacher_path(context.node_config, cfg), control=control)
     if adabn:  # statistics of the weights it now has, not the running averages training left behind
         camera.adapt_bn(model, data, cfg)
     runs = model
@@ -98,6 +99,9 @@ def train(msg: Message, context: Context) -> Message:
         part.keep(model, runs)
         reply = part.shared(model)  # the personal part never leaves the camera
         reply = pack(reply) if is_packed(msg.content["arrays"]) else reply  # answer in the format it came in
+    content = RecordDict({"arrays": reply})  # the weights first: the server screens the first ArrayRecord
+    if control is not None:
+        content["control"] = control.update  # shared.train.CONTROL
     metrics.update({f"global-{k}": v for k, v in before.items()})
     metrics.update({f"own-{k}": v for k, v in own.items()})
     metrics["personal-kept"] = float(source != "global")  # 0: a first round, a late joiner or a reset part
@@ -110,7 +114,19 @@ def train(msg: Message, context: Context) -> Message:
     # The process' age when the message arrived: a fresh ClientApp process per message under a SuperNode, a
     # long-lived worker in simulation.
     metrics["process-age"] = started - psutil.Process().create_time()
-    return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    content["metrics"] = MetricRecord(metrics)
+    return Message(content, reply_to=msg)
+
+
+def scaffold_control(model, part, msg: Message, context: Context, cfg):
+    """fed.strategy = scaffold: this camera's control variate, with the server's c from the train message."""
+    from client import camera
+    from client.scaffold import ControlVariate
+    from shared.train import CONTROL
+
+    path = camera.personal_file(context.node_config, cfg, model.yaml, "scaffold")
+    server = msg.content.array_records.get(CONTROL)
+    return ControlVariate(model, part.keys, server, context.state, path)
 
 
 @app.evaluate()

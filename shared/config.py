@@ -222,6 +222,10 @@ class FedConfig:
             raise ValueError(f"config key 'fed.compress-topk': {self.compress_topk} is not in (0, 1]")
         self._check_dp()
         self._check_secure()
+        if self.strategy.lower() == "scaffold" and (self.compress, self.downlink, self.dp) != ("none", "none", "off"):
+            # The control variates travel beside the weights as a second record that neither codec nor DP covers.
+            raise ValueError("config key 'fed.strategy' = scaffold needs fed.compress = none and fed.dp = off "
+                             f"(not '{self.compress}' / '{self.downlink}' / '{self.dp}')")
 
     def _check_secure(self) -> None:
         """fed.secure-aggregation: the server only ever holds the masked sum, so nothing that needs one camera's update

@@ -71,14 +71,15 @@ def nms_settings(cfg: Config) -> NmsSettings:
 
 def fit(model, data_yaml: Path | str | list, cfg: Config, spec: TrainSpec, seed: int | None = None,
         extra_loss: ExtraLoss | None = None, progress: Progress | None = None, aux=None,
-        extra_samples: list | None = None, anchor: list | None = None) -> TrainResult:
+        extra_samples: list | None = None, anchor: list | None = None,
+        correction: list | None = None) -> TrainResult:
     """Train on the train split(s) of `data_yaml`, plus `extra_samples` (e.g. teacher pseudo-labelled frames);
-    `anchor`: the parameters a proximal term pulls toward (shared.train.train)."""
+    `anchor`: the parameters a proximal term pulls toward; `correction`: SCAFFOLD's (shared.train.train)."""
     set_threads(cfg.train.threads)
     seed = cfg.seed if seed is None else seed
     torch.manual_seed(seed)
     loader = make_loader(data_yaml, "train", cfg, True, seed, extra_samples=extra_samples)
-    return train(model, loader, spec, extra_loss, progress, aux, anchor)
+    return train(model, loader, spec, extra_loss, progress, aux, anchor, correction)
 
 
 def score(model, data_yaml: Path | str | list, cfg: Config, split: str = "val",
@@ -109,10 +110,10 @@ def score_cameras(model, cfg: Config, cameras: list[int] | None = None) -> dict[
 
 def distill_fit(student, teacher, data_yaml, cfg: Config, spec: TrainSpec, seed: int | None = None,
                 extra_samples: list | None = None, progress: Progress | None = None,
-                anchor: list | None = None) -> TrainResult:
+                anchor: list | None = None, correction: list | None = None) -> TrainResult:
     """fit() with the configured distillation terms from `teacher` added to the detection loss."""
     from shared.distill import Distiller, weights_from
 
     distiller = Distiller(teacher, student, weights_from(cfg.distill), cfg.data.imgsz)
     return fit(student, data_yaml, cfg, spec, seed, distiller.extra_loss(), progress, aux=distiller.adapters,
-               extra_samples=extra_samples, anchor=anchor)
+               extra_samples=extra_samples, anchor=anchor, correction=correction)

@@ -54,6 +54,9 @@ def local_plan(f: FedConfig) -> dict[str, Any]:
             "dp-clip": f.dp_clip, "dp-delta": f.dp_delta}
 
 
+CONTROL = "control"  # SCAFFOLD: the train message's ArrayRecord of control variates (c down, c_k+ − c_k up)
+
+
 def round_seed(seed: int, rnd: int) -> int:
     """The seed of round `rnd` (sampling and local training), so a resumed run replays the same draws."""
     return seed * 100_003 + rnd
@@ -65,6 +68,7 @@ class TrainResult:
     examples: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+    mean_grad: list[torch.Tensor] | None = None  # with a SCAFFOLD correction: the mean raw gradient per parameter
 
 
 def make_optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
@@ -132,12 +136,15 @@ def to_float(batch: dict) -> dict:
 
 def train(model, loader, spec: TrainSpec, extra_loss: ExtraLoss | None = None,
           progress: Progress | None = None, aux: torch.nn.Module | None = None,
-          anchor: list[torch.Tensor] | None = None) -> TrainResult:
+          anchor: list[torch.Tensor] | None = None, correction: list[torch.Tensor] | None = None) -> TrainResult:
     """Train `model` in place on `loader` (batches from shared.data.dataset.collate).
 
     `aux` holds extra trainable modules of the loss (distillation adapters); they are optimized alongside.
     With spec.proximal_mu > 0 the loss pulls the parameters toward `anchor` (default: where they start, FedProx;
     Ditto's personal model is pulled toward the global model instead).
+    With `correction` (SCAFFOLD, Karimireddy et al. 2020: c − c_k, one tensor per trainable parameter) every step
+    follows the gradient plus the correction, so a camera's steps track the federation's mean gradient rather
+    than drift toward its own optimum; result.mean_grad is then the mean raw gradient (the camera's new c_k).
     """
     total = len(loader) * spec.epochs
     total = min(total, spec.max_steps) if spec.max_steps > 0 else total
@@ -146,6 +153,8 @@ def train(model, loader, spec: TrainSpec, extra_loss: ExtraLoss | None = None,
     if spec.proximal_mu > 0 and anchor is None:
         anchor = [p.detach().clone() for p in model.parameters()]
     anchor = anchor if spec.proximal_mu > 0 else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_sum = [torch.zeros_like(p) for p in params] if correction is not None else None
     result, start = TrainResult(), time.perf_counter()
     set_train_mode(model, spec.freeze_bn)
     if aux is not None:
@@ -168,6 +177,11 @@ def train(model, loader, spec: TrainSpec, extra_loss: ExtraLoss | None = None,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            if correction is not None:
+                for p, g, c in zip(params, grad_sum, correction):
+                    if p.grad is not None:
+                        g += p.grad
+                        p.grad += c
             opt.step()
             sched.step()
             result.steps += 1
@@ -176,5 +190,7 @@ def train(model, loader, spec: TrainSpec, extra_loss: ExtraLoss | None = None,
             if progress:
                 progress(result.steps, total, result.losses[-1])
     model.eval()
+    if grad_sum is not None:
+        result.mean_grad = [g / max(1, result.steps) for g in grad_sum]
     result.seconds = time.perf_counter() - start
     return result

@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian, FedPro
 
 from server.federation.events import ClientOutcome, EventBus, client_error
 from server.federation.privacy import WEIGHT_KEY, CentralDp, Ledger
+from server.federation.scaffold import Scaffold
 from server.federation.wire import ServerWire
 from shared.arrays import UpdateError, check_compatible, is_packed, layout_of, to_state_dict, unpack
 from shared.compress import message_bytes
@@ -22,7 +23,7 @@ from shared.config import FedConfig
 from shared.train import round_seed
 
 log = logging.getLogger("fedcam.server")
-STATE_KEYS = ("m_t", "v_t", "momentum_vector")  # server-optimizer state of FedAdam / FedAvgM
+STATE_KEYS = ("m_t", "v_t", "momentum_vector", "scaffold_c")  # server state of FedAdam / FedAvgM / SCAFFOLD
 LEDGER_KEY = "dp-ledger"  # the privacy accountant's state (JSON)
 
 
@@ -203,7 +204,7 @@ class FedcamMixin:
 
 
 BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": FedAvgM, "fedmedian": FedMedian,
-         "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
+         "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "scaffold": Scaffold}
 
 
 def make_strategy(f: FedConfig, bus: EventBus, seed: int, round_offset: int = 0, personal: Iterable[str] = ()):
