@@ -41,6 +41,7 @@ class Agent:
         self.key = load_public_key(public_key_pem)
         self.threads, self.conf = threads, conf
         (self.dir / "snapshots").mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.dir / "staging", ignore_errors=True)  # a download cut short by a crash or power loss
         self.state = self._load_state()
         self.lock = threading.Lock()
         self.detector: Detector | None = None
@@ -52,11 +53,41 @@ class Agent:
 
     # --- state (a JSON file replaced atomically, so a power cut never leaves half of it) ------------------
     def _load_state(self) -> dict:
-        path = self.dir / "state.json"
+        """state.json; one that cannot be read (truncated, garbage, wrong shape) is set aside as state.json.unusable,
+        never overwritten, and the state is rebuilt from the snapshots on disk: the device keeps serving."""
+        path, fresh = self.dir / "state.json", {"current": None, "previous": None, "etag": None, "bad": []}
         try:
-            return json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {"current": None, "previous": None, "etag": None, "bad": []}
+            state = json.loads(path.read_bytes())
+            if not isinstance(state, dict):
+                raise ValueError(f"a JSON {type(state).__name__}, not an object")
+            for key in ("current", "previous", "etag"):
+                if not isinstance(state.get(key), (str, type(None))):
+                    raise ValueError(f"'{key}' is {state[key]!r}")
+            if not isinstance(state.get("bad", []), list) or not all(isinstance(b, str) for b in state.get("bad", [])):
+                raise ValueError("'bad' is not a list of snapshot names")
+            return {**fresh, **state}
+        except FileNotFoundError:  # a new device, or a state file lost with snapshots still on disk
+            return {**fresh, **self._recovered()}
+        except ValueError as err:  # json's decode errors, bad UTF-8 and the checks above
+            aside = path.with_name("state.json.unusable")
+            path.replace(aside)
+            state = {**fresh, **self._recovered()}
+            log.warning("%s unusable (%s), kept as %s; serving %s, found on disk", path, err, aside.name,
+                        state["current"] or "nothing")
+            return state
+
+    def _recovered(self) -> dict:
+        """current and previous from the snapshot folders that still verify, newest first (a rolled-back snapshot's
+        folder is gone: rollback removes it)."""
+        good = []
+        folders = [f for f in (self.dir / "snapshots").iterdir() if f.is_dir()]
+        for folder in sorted(folders, key=lambda f: f.stat().st_mtime, reverse=True):
+            try:
+                verify_dir(folder, self.key)
+                good.append(folder.name)
+            except (SnapshotError, OSError, ValueError) as err:
+                log.warning("snapshot folder %s not usable (%s)", folder.name, err)
+        return {"current": good[0] if good else None, "previous": good[1] if len(good) > 1 else None}
 
     def _save_state(self) -> None:
         tmp = self.dir / "state.json.tmp"
@@ -91,6 +122,7 @@ class Agent:
         self._save_state()
         self._activate(previous)
         self.bad_frames = 0
+        shutil.rmtree(self.dir / "snapshots" / bad, ignore_errors=True)  # never served again, nor recovered
 
     def _activate(self, version: str) -> None:
         folder = self.dir / "snapshots" / version
@@ -157,6 +189,15 @@ class Agent:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         self.downloaded = 0  # bytes of this install, the delta or the whole model
+        try:
+            manifest = self._download(staging, version, camera, ident, base)
+        except BaseException:  # a refused, cut or disk-full download leaves nothing behind to fill the disk
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._swap_in(staging, ident, manifest)
+
+    def _download(self, staging: Path, version: str, camera: str | None, ident: str, base: str) -> Manifest:
+        """Manifest, signature and model (whole, or rebuilt from a delta or packed form) into `staging`, verified."""
         for name in (MANIFEST_FILE, SIGNATURE_FILE):
             self._fetch(f"{base}/{version}/{name}", staging / name)
         url = f"{base}/{version}"
@@ -168,16 +209,17 @@ class Agent:
         if not (signed and (self._rebuild_from_delta(staging, url, camera, signed)
                             or self._rebuild_from_packed(staging, url, signed))):
             self._fetch(f"{url}/{MODEL_FILE}", staging / MODEL_FILE)
-        try:  # a bad signature or hash may be a truncated download: retried later, not blacklisted
-            manifest = verify_dir(staging, self.key)
-            if manifest.version != version:
-                raise SnapshotError(f"manifest names {manifest.version}, expected {version}")
-            if manifest.extra.get("camera") != camera:  # signed for another camera (or the global channel)
-                raise SnapshotError(f"snapshot {ident} is signed for camera {manifest.extra.get('camera')!r}, "
-                                    f"not {camera!r}")
-        except SnapshotError:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        # A bad signature or hash may be a truncated download: retried later, not blacklisted.
+        manifest = verify_dir(staging, self.key)
+        if manifest.version != version:
+            raise SnapshotError(f"manifest names {manifest.version}, expected {version}")
+        if manifest.extra.get("camera") != camera:  # signed for another camera (or the global channel)
+            raise SnapshotError(f"snapshot {ident} is signed for camera {manifest.extra.get('camera')!r}, "
+                                f"not {camera!r}")
+        return manifest
+
+    def _swap_in(self, staging: Path, ident: str, manifest: Manifest) -> None:
+        """Smoke-test the verified download, then make it current; the old one stays as previous."""
         try:  # a signed model that does not run is broken for good: never try it again
             smoke = Detector(staging / MODEL_FILE, manifest.imgsz, threads=self.threads)
             (out,) = smoke.raw(np.zeros((1, 3, manifest.imgsz, manifest.imgsz), np.uint8))
