@@ -365,3 +365,64 @@ def test_a_download_cut_by_a_crash_or_a_full_disk_leaves_nothing_and_the_next_po
         assert Agent(server.url, device, key, timeout=5).detect(FRAME)[1].version == v2  # and after a reboot
     finally:
         subprocess.run(["umount", "-l", str(device)], check=False)
+
+
+class Hostile:
+    """A registry that lies (a compromised server, or someone in the middle of plain HTTP): canned answers."""
+
+    def __init__(self, answers: dict[str, bytes]):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                body = answers.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+def test_a_lying_registry_gets_a_clear_error_and_nothing_stored_changes(fleet, tiny_cfg):
+    registry, server, (m1, _), tmp = fleet
+    names, key = tiny_cfg.data.names, (registry.root / "server_public_key.pem").read_bytes()
+    v1 = publish(registry, m1, names)
+    assert Agent(server.url, tmp / "device", key, timeout=5).poll_once() == f"updated {v1}"
+    victim = tmp / "victim"  # what a version of "../../victim" would have deleted
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    good = json.loads((registry.folder() / v1 / "manifest.json").read_text())
+    before = (tmp / "device" / "state.json").read_bytes()
+    cases = {
+        "version": ({**good, "version": "../../victim"}, "not of the form vNNNN"),
+        "missing": ({k: v for k, v in good.items() if k != "size"}, "size"),
+        "type": ({**good, "imgsz": "64"}, "imgsz"),
+        "big": ({**good, "version": "v0002"}, "download limit"),
+    }
+    for name, (manifest, message) in cases.items():
+        big = b"\0" * (2 << 20)  # the "model" of v0002: more than the limit below, whatever its manifest says
+        hostile = Hostile({"/api/snapshots/latest": json.dumps(manifest).encode(),
+                           "/api/snapshots/v0002/manifest.json": json.dumps(manifest).encode(),
+                           "/api/snapshots/v0002/manifest.sig": b"x", "/api/snapshots/v0002/model.onnx": big})
+        try:
+            agent = Agent(hostile.url, tmp / "device", key, timeout=5, max_download=1 << 20)
+            with pytest.raises(SnapshotError, match=message):
+                agent.poll_once()
+            assert agent.detect(FRAME)[1].version == v1, name  # still serving what it had
+        finally:
+            hostile.stop()
+        assert (victim / "keep.txt").read_text() == "mine", name
+        assert (tmp / "device" / "state.json").read_bytes() == before, name
+        assert not list((tmp / "device" / "staging").glob("*")), name

@@ -29,8 +29,9 @@ BAD_FRAMES_BEFORE_ROLLBACK = 3
 class Agent:
     def __init__(self, server: str, state_dir: Path | str, public_key_pem: bytes, threads: int = 1,
                  conf: float = 0.25, timeout: float = 10.0, camera_id: str | None = None,
-                 ca_file: Path | str | None = None, token: str | None = None):
+                 ca_file: Path | str | None = None, token: str | None = None, max_download: int = 64 << 20):
         self.server, self.dir, self.timeout = server.rstrip("/"), Path(state_dir), timeout
+        self.max_download = max_download  # bytes one response may have: a camera has ~1 GB of RAM and a small disk
         if token and not self.server.startswith("https://"):
             raise ValueError(f"{server}: a token goes over https only (the registry off loopback speaks TLS)")
         # https: the server is checked against the given CA (the deploy PKI), else the system's
@@ -136,7 +137,12 @@ class Agent:
         req = urllib.request.Request(self.server + path, headers={**self.auth, **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout, context=self.tls) as resp:
-                return resp.status, resp.read(), dict(resp.headers)
+                declared = int(resp.headers.get("Content-Length") or 0)
+                body = resp.read(min(declared, self.max_download + 1) if declared else self.max_download + 1)
+                if declared > self.max_download or len(body) > self.max_download:
+                    raise SnapshotError(f"{path}: the response is larger than this device's download limit "
+                                        f"({self.max_download} bytes)")
+                return resp.status, body, dict(resp.headers)
         except urllib.error.HTTPError as err:
             if err.code == 304:
                 return 304, b"", dict(err.headers)

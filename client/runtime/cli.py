@@ -95,7 +95,8 @@ def cmd_run(args) -> None:
 
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     agent = Agent(args.server, args.state, Path(args.key).read_bytes(), args.threads, args.conf,
-                  camera_id=args.camera_id, ca_file=args.ca, token=token)
+                  camera_id=args.camera_id, ca_file=args.ca, token=token,
+                  max_download=int(args.max_download_mb * 2**20))
     stop = threading.Event()
     poller = threading.Thread(target=agent.poll_forever, args=(args.poll, stop), daemon=True)
     poller.start()
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--ca", default=None, help="CA certificate the https registry is checked against (deploy/certs.sh)")
     run.add_argument("--token-file", default=None, help="file holding this device's registry token (fedcam tokens)")
     run.add_argument("--poll", type=float, default=30.0, help="seconds between update checks")
+    run.add_argument("--max-download-mb", type=float, default=64.0, help="largest response the agent accepts")
     run.add_argument("--loop", action="store_true", help="replay the source forever (files)")
     col = sub.add_parser("collect", help="sample frames of a camera or video into a bounded local store")
     col.add_argument("--source", required=True, help="video file, camera index, RTSP URL or folder")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 MODEL_FILE, MANIFEST_FILE, SIGNATURE_FILE = "model.onnx", "manifest.json", "manifest.sig"
+VERSION = re.compile(r"^v\d{4,}$")  # a folder name and a URL segment on the device: nothing else gets through
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class SnapshotError(ValueError):
@@ -38,6 +41,22 @@ class Manifest:
     # The NMS the gate scored with ({"iou", "max_det"}); a device keeps them and picks its own confidence.
     nms: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # A device reads the newest manifest before it can check a signature, and names folders after its version:
+        # a field of the wrong type or a version such as "../../x" is refused here, before any path is made.
+        if not isinstance(self.version, str) or not VERSION.match(self.version):
+            raise SnapshotError(f"manifest version {self.version!r} is not of the form vNNNN")
+        if not isinstance(self.sha256, str) or not SHA256.match(self.sha256):
+            raise SnapshotError(f"manifest sha256 {self.sha256!r} is not 64 lowercase hex digits")
+        for name in ("round", "size", "imgsz"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "imgsz" else 0):
+                raise SnapshotError(f"manifest {name} {value!r} is not a whole number in range")
+        if not isinstance(self.names, list) or not self.names or not all(isinstance(n, str) for n in self.names):
+            raise SnapshotError("manifest names are not a list of class names")
+        if not isinstance(self.extra, dict) or not isinstance(self.nms, dict):
+            raise SnapshotError("manifest extra and nms must be objects")
+
     def to_bytes(self) -> bytes:
         """Canonical JSON: the exact bytes that are signed."""
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
@@ -45,7 +64,12 @@ class Manifest:
     @classmethod
     def from_bytes(cls, data: bytes) -> "Manifest":
         try:
-            return cls(**json.loads(data))
+            fields = json.loads(data)
+            if not isinstance(fields, dict):
+                raise SnapshotError(f"unreadable manifest: a JSON {type(fields).__name__}, not an object")
+            return cls(**fields)
+        except SnapshotError:
+            raise
         except (ValueError, TypeError) as err:
             raise SnapshotError(f"unreadable manifest: {err}") from None
 
