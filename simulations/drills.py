@@ -1,10 +1,12 @@
 """Fault drills (issue 23), real processes on loopback: what was done, what held, with figures. Today: the device
 agent (drill 4): `fedcam-device run` SIGKILLed at random moments of pulls and swaps, its state.json broken, its disk
-full; after each it must serve a verified snapshot at once and reach the newest one by polling."""
+full; after each it must serve a verified snapshot at once and reach the newest one by polling. And bad input on the
+registry's two sides (part of drill 6): requests with path tricks to `fedcam serve`, a lying registry to a device."""
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -49,7 +51,8 @@ class Fleet:
         self.frames = root / "frames"
         self.frames.mkdir()
         for i in range(4):
-            cv2.imwrite(str(self.frames / f"f{i}.png"), np.random.default_rng(i).integers(0, 255, (240, 320, 3), np.uint8))
+            frame = np.random.default_rng(i).integers(0, 255, (240, 320, 3), np.uint8)
+            cv2.imwrite(str(self.frames / f"f{i}.png"), frame)
         self.proc, port = serve(root, [])
         self.url, self.key = f"http://127.0.0.1:{port}", root / "registry" / "server_public_key.pem"
 
@@ -73,11 +76,11 @@ class Fleet:
 class Device:
     """`fedcam-device run` as a camera runs it: frames in a loop, a poll every 0.2 s, detections on stdout."""
 
-    def __init__(self, fleet: Fleet, state: Path):
+    def __init__(self, fleet: Fleet, state: Path, url: str | None = None):
         self.out = state.parent / f"{state.name}.out"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "client.runtime.cli", "run", "--server", fleet.url, "--state", str(state), "--key",
-             str(fleet.key), "--poll", "0.2", "--source", str(fleet.frames), "--loop"],
+            [sys.executable, "-m", "client.runtime.cli", "run", "--server", url or fleet.url, "--state", str(state),
+             "--key", str(fleet.key), "--poll", "0.2", "--source", str(fleet.frames), "--loop"],
             stdout=self.out.open("w"), stderr=(state.parent / f"{state.name}.log").open("a"))
         self.started = time.monotonic()
 
@@ -178,6 +181,100 @@ def drill_disk(fleet: Fleet, work: Path) -> tuple[str, str, str]:
         subprocess.run(["umount", "-l", str(state)], check=False)
 
 
+# Requests a registry must refuse (no file outside a snapshot folder is ever served), sent as written.
+TRICKS = ["/api/snapshots/../server_public_key.pem", "/api/snapshots/v0001/..%2F..%2Fkey.pem",
+          "/api/snapshots/%2e%2e/%2e%2e/key.pem", "/api/snapshots/v0001/../../../../etc/passwd",
+          "/api/cameras/..%2F..%2F/snapshots/latest", "/api/cameras/../snapshots/latest",
+          "/api/snapshots/v0001/manifest.json%00.onnx", "/api/snapshots/v1/..\\..\\key.pem",
+          "/api/cameras/cam00/snapshots/v0001/../../../../key.pem", "/%2e%2e/%2e%2e/etc/passwd"]
+
+
+def drill_paths(fleet: Fleet) -> tuple[str, str, str]:
+    port, served, statuses = int(fleet.url.rsplit(":", 1)[1]), [], []
+    secret = (fleet.root / "key.pem").read_bytes()
+    for path in TRICKS:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.putrequest("GET", path, skip_host=False, skip_accept_encoding=True)
+        conn.endheaders()
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        statuses.append(resp.status)
+        if resp.status < 400 or b"PRIVATE KEY" in body or b"root:" in body:
+            served.append(f"{path} -> {resp.status}")
+    return (f"{len(TRICKS)} requests with path tricks ('..', encoded, NUL, backslashes) to `fedcam serve`",
+            f"refused: {len(TRICKS) - len(served)}/{len(TRICKS)}" + (f"; SERVED: {served}" if served else ""),
+            "answers " + ", ".join(f"{code} ×{statuses.count(code)}" for code in sorted(set(statuses)))
+            + "; no key or system file in any body")
+
+
+def lying_registry(answers: dict[str, bytes]):
+    """A registry that lies (compromised, or someone in the middle of plain HTTP): canned answers on loopback."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = answers.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    class Server(ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # the device hangs up on what it refuses: a broken pipe here is the drill working
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def drill_lies(fleet: Fleet, work: Path) -> tuple[str, str, str]:
+    """The device's registry answers with manifests that lie; the device process must keep serving, log the reason
+    and change nothing it holds."""
+    state = work / "device"
+    current = json.loads((state / "state.json").read_text())["current"]  # what the device holds and serves
+    good = json.loads((state / "snapshots" / current / "manifest.json").read_text())
+    victim = work / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("mine")
+    cases = {"a version of '../../victim'": {**good, "version": "../../victim"},
+             "a missing field (size)": {k: v for k, v in good.items() if k != "size"},
+             "a field of the wrong type (imgsz '320')": {**good, "imgsz": "320"},
+             "a 100 MiB model (limit 64)": {**good, "version": "v9999"}}
+    held, reasons = 0, []
+    for name, manifest in cases.items():
+        body = json.dumps(manifest).encode()
+        server = lying_registry({"/api/snapshots/latest": body, "/api/snapshots/v9999/manifest.json": body,
+                                 "/api/snapshots/v9999/manifest.sig": b"x" * 64,
+                                 "/api/snapshots/v9999/model.onnx": b"\0" * (100 << 20)})
+        before = (state / "state.json").read_bytes()
+        log = state.parent / f"{state.name}.log"
+        mark = log.stat().st_size if log.exists() else 0
+        try:
+            device = Device(fleet, state, f"http://127.0.0.1:{server.server_address[1]}")
+            device.wait_for(lambda v: v == good["version"])
+            time.sleep(1.5)  # several polls against the lying registry
+            serving = device.served() == good["version"]
+            device.kill()
+        finally:
+            server.shutdown()
+            server.server_close()
+        said = log.read_text()[mark:]
+        reason = next((ln.split("update check failed: ", 1)[1].split(" (next try")[0]
+                       for ln in said.splitlines() if "update check failed" in ln), "no reason logged")
+        reasons.append(f"{name}: {reason}")
+        unchanged = (state / "state.json").read_bytes() == before and not list((state / "staging").glob("*"))
+        held += serving and unchanged and (victim / "keep").read_text() == "mine"
+    return (f"the registry lies to a running device: {', '.join(cases)}",
+            f"kept serving, nothing stored changed, no file outside its folder touched ({held}/{len(cases)})",
+            "; ".join(reasons))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--kills", type=int, default=20)
@@ -191,7 +288,9 @@ def main() -> None:
             fleet.publish()
             rows = [("4 device: killed", *drill_kills(fleet, work, args.kills, random.Random(args.seed))),
                     ("4 device: state.json", *drill_state(fleet, work)),
-                    ("4 device: full disk", *drill_disk(fleet, work))]
+                    ("4 device: full disk", *drill_disk(fleet, work)),
+                    ("6 registry: path tricks", *drill_paths(fleet)),
+                    ("6 device: a lying registry", *drill_lies(fleet, work))]
         finally:
             fleet.stop()
             for p in work.glob("*.log"):
