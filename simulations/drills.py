@@ -1,7 +1,8 @@
-"""Fault drills (issue 23), real processes on loopback: what was done, what held, with figures. Today: the device
-agent (drill 4): `fedcam-device run` SIGKILLed at random moments of pulls and swaps, its state.json broken, its disk
-full; after each it must serve a verified snapshot at once and reach the newest one by polling. And bad input on the
-registry's two sides (part of drill 6): requests with path tricks to `fedcam serve`, a lying registry to a device."""
+"""Fault drills (issue 23), real processes on loopback: what was done, what held, with figures. The federation's
+drills (1, 5, 3: simulations/drills_federation.py) run on the Deployment Engine. The device agent's (drill 4):
+`fedcam-device run` SIGKILLed at random moments of pulls and swaps, its state.json broken, its disk full; after each
+it must serve a verified snapshot at once and reach the newest one by polling. And bad input on the registry's two
+sides (part of drill 6): requests with path tricks to `fedcam serve`, a lying registry to a running device."""
 
 from __future__ import annotations
 
@@ -279,7 +280,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-federation", action="store_true", help="only the device and registry drills")
     args = ap.parse_args()
+    # SIGTERM unwinds like Ctrl-C: every drill's context managers stop the processes it started, by PID.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"instruction sets: {isa_summary()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="fedcam-drills-") as tmp:
         work = Path(tmp)
@@ -296,6 +300,10 @@ def main() -> None:
             for p in work.glob("*.log"):
                 if os.environ.get("FEDCAM_DRILL_LOGS"):
                     print(p.read_text(), file=sys.stderr)
+        if not args.skip_federation:
+            from drills_federation import drill_federation  # beside this script
+
+            rows = drill_federation(work / "federation") + rows
     print("\n| drill | what was done | what held | figures |\n| --- | --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
