@@ -58,6 +58,7 @@ def train(msg: Message, context: Context) -> Message:
     with stage("import"):
         from client import camera  # torch/Ultralytics load on first message, not at import
         from shared.arrays import is_packed, pack
+        from shared.train import CONTROL
         from shared.config import load_config
     with stage("setup"):  # run config, the global model rebuilt from its yaml, the camera's data and personal part
         cfg = load_config(context.run_config)
@@ -101,7 +102,7 @@ def train(msg: Message, context: Context) -> Message:
         reply = pack(reply) if is_packed(msg.content["arrays"]) else reply  # answer in the format it came in
     content = RecordDict({"arrays": reply})  # the weights first: the server screens the first ArrayRecord
     if control is not None:
-        content["control"] = control.update  # shared.train.CONTROL
+        content[CONTROL] = control.update
     metrics.update({f"global-{k}": v for k, v in before.items()})
     metrics.update({f"own-{k}": v for k, v in own.items()})
     metrics["personal-kept"] = float(source != "global")  # 0: a first round, a late joiner or a reset part

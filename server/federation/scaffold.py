@@ -1,5 +1,5 @@
 """SCAFFOLD (Karimireddy et al. 2020) on Flower's FedAvg: the server's control variate travels with the model, and
-the cameras' control updates come back beside their weights (the camera's side: client.camera.ControlVariate)."""
+the cameras' control updates come back beside their weights (the camera's side: client.scaffold.ControlVariate)."""
 
 from __future__ import annotations
 
