@@ -4,9 +4,7 @@ frames, roll back; state survives reboot."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import shutil
 import ssl
 import threading
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from client.runtime.state import load_state, save_state
 from shared.snapshot.delta import DeltaError, apply_delta, delta_name
 from shared.snapshot.format import (MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Manifest, SnapshotError,
                                     load_public_key, verify_dir, verify_manifest)
@@ -43,7 +42,7 @@ class Agent:
         self.threads, self.conf = threads, conf
         (self.dir / "snapshots").mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.dir / "staging", ignore_errors=True)  # a download cut short by a crash or power loss
-        self.state = self._load_state()
+        self.state = load_state(self.dir, self.key)
         self.lock = threading.Lock()
         self.detector: Detector | None = None
         self.manifest: Manifest | None = None
@@ -52,48 +51,8 @@ class Agent:
         if self.state.get("current"):  # after a reboot: the last good snapshot, verified again
             self._activate(self.state["current"])
 
-    # --- state (a JSON file replaced atomically, so a power cut never leaves half of it) ------------------
-    def _load_state(self) -> dict:
-        """state.json; one that cannot be read (truncated, garbage, wrong shape) is set aside as state.json.unusable,
-        never overwritten, and the state is rebuilt from the snapshots on disk: the device keeps serving."""
-        path, fresh = self.dir / "state.json", {"current": None, "previous": None, "etag": None, "bad": []}
-        try:
-            state = json.loads(path.read_bytes())
-            if not isinstance(state, dict):
-                raise ValueError(f"a JSON {type(state).__name__}, not an object")
-            for key in ("current", "previous", "etag"):
-                if not isinstance(state.get(key), (str, type(None))):
-                    raise ValueError(f"'{key}' is {state[key]!r}")
-            if not isinstance(state.get("bad", []), list) or not all(isinstance(b, str) for b in state.get("bad", [])):
-                raise ValueError("'bad' is not a list of snapshot names")
-            return {**fresh, **state}
-        except FileNotFoundError:  # a new device, or a state file lost with snapshots still on disk
-            return {**fresh, **self._recovered()}
-        except ValueError as err:  # json's decode errors, bad UTF-8 and the checks above
-            aside = path.with_name("state.json.unusable")
-            path.replace(aside)
-            state = {**fresh, **self._recovered()}
-            log.warning("%s unusable (%s), kept as %s; serving %s, found on disk", path, err, aside.name,
-                        state["current"] or "nothing")
-            return state
-
-    def _recovered(self) -> dict:
-        """current and previous from the snapshot folders that still verify, newest first (a rolled-back snapshot's
-        folder is gone: rollback removes it)."""
-        good = []
-        folders = [f for f in (self.dir / "snapshots").iterdir() if f.is_dir()]
-        for folder in sorted(folders, key=lambda f: f.stat().st_mtime, reverse=True):
-            try:
-                verify_dir(folder, self.key)
-                good.append(folder.name)
-            except (SnapshotError, OSError, ValueError) as err:
-                log.warning("snapshot folder %s not usable (%s)", folder.name, err)
-        return {"current": good[0] if good else None, "previous": good[1] if len(good) > 1 else None}
-
     def _save_state(self) -> None:
-        tmp = self.dir / "state.json.tmp"
-        tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.dir / "state.json")
+        save_state(self.dir, self.state)
 
     # --- inference -------------------------------------------------------------------------------------
     def detect(self, frame: np.ndarray):
