@@ -24,10 +24,12 @@ class Scaffold(FedAvg):
     N the cameras connected. Weights are averaged as FedAvg does them; c starts empty (zero) and grows a key
     the first time a camera reports it."""
 
-    scaffold_c: dict[str, np.ndarray]
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scaffold_c: dict[str, np.ndarray] = {}  # resume puts the saved c here (strategies.STATE_KEYS)
+        self._cameras = 0  # N, counted when a round is configured
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        self.scaffold_c = getattr(self, "scaffold_c", {})
         self._cameras = max(1, len(list(grid.get_node_ids())))
         config["scaffold"] = True
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -37,7 +39,6 @@ class Scaffold(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies, updates = list(replies), []
-        self.scaffold_c = getattr(self, "scaffold_c", {})
         for msg in replies:  # FedAvg averages exactly one ArrayRecord per reply: the control one leaves first
             if CONTROL not in msg.content.array_records:
                 log.warning("round %d: node %d sent no control update; its weights count, c is not moved",
@@ -50,7 +51,7 @@ class Scaffold(FedAvg):
             except ValueError as err:
                 log.warning("round %d: control update from node %d ignored: %s", server_round,
                             msg.metadata.src_node_id, err)
-        cameras = getattr(self, "_cameras", 0) or max(1, len(replies))  # N: the nodes connected this round
+        cameras = self._cameras or max(1, len(replies))  # N: the nodes connected this round
         for update in updates:
             for key, value in update.items():
                 self.scaffold_c[key] = self.scaffold_c.get(key, np.zeros_like(value)) + value / cameras

@@ -9,12 +9,11 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse
 
 from server.snapshots.registry import PUBLIC_KEY, Registry, check_camera_id
-from shared.snapshot.format import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE
+from shared.snapshot.format import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, VERSION
 from shared.snapshot.packed import PACKED_FILE
 
 FILES = {MODEL_FILE: "application/octet-stream", MANIFEST_FILE: "application/json",
          SIGNATURE_FILE: "application/octet-stream", PACKED_FILE: "application/octet-stream"}
-VERSION = re.compile(r"^v\d{4,}$")
 DELTA = re.compile(r"^delta-v\d{4,}\.bin$")  # the model as a difference from an earlier version (shared/snapshot/delta.py)
 
 
