@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from shared.env import setup_offline
 
 setup_offline()  # the offline variables, before any library reads them
+from client.attack import attack_mod  # noqa: E402
 from client.privacy import privacy_mod  # noqa: E402
 from client.secure import secure_mod  # noqa: E402
 from client.wire import compression_mod  # noqa: E402
@@ -23,7 +24,8 @@ from client.wire import compression_mod  # noqa: E402
 # weights. The first mod is the outermost: downloads are decompressed before the privacy mod sees them, and
 # updates are clipped (and noised, local DP) before they are compressed. Outermost, fed.secure-aggregation's: the
 # SecAgg+ stages, and the trained update masked on its way out (the run config refuses it with compression or DP).
-app = ClientApp(mods=[secure_mod, compression_mod, privacy_mod])
+# Innermost, the attack drill's (drill.attack, off by default): an attacking camera's update replaced before it leaves.
+app = ClientApp(mods=[secure_mod, compression_mod, privacy_mod, attack_mod])
 
 
 def personal_part(model, config, context: Context, cfg):

@@ -23,6 +23,20 @@ def to_state_dict(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
     return OrderedDict((k, torch.from_numpy(np.array(arr.numpy(), copy=True))) for k, arr in record.items())
 
 
+def check_decodable(record: ArrayRecord) -> None:
+    """Raise UpdateError unless every Array decodes and holds what its header declares. An Array travels as a dtype
+    and shape beside .npy bytes; a reply whose bytes lie about them (or are no .npy at all) must not reach averaging,
+    where numpy would broadcast or fail mid-round."""
+    for key, arr in record.items():
+        try:
+            value = arr.numpy()  # np.load without pickles: an object array is refused here
+        except Exception as err:  # noqa: BLE001 - whatever numpy makes of foreign bytes, the culprit is this key
+            raise UpdateError(f"{key}: undecodable array ({type(err).__name__}: {str(err)[:80]})") from None
+        if tuple(value.shape) != tuple(arr.shape) or str(value.dtype) != arr.dtype:
+            raise UpdateError(f"{key}: declares {arr.dtype} {tuple(arr.shape)} but holds {value.dtype} "
+                              f"{tuple(value.shape)}")
+
+
 def check_compatible(reference: dict[str, torch.Tensor], record: ArrayRecord, max_norm: float | None = None) -> float:
     """Raise UpdateError unless `record` has exactly reference's keys, shapes, dtypes and finite values.
 

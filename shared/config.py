@@ -160,6 +160,7 @@ LATENCY_TARGETS = ("host", "cortex-a7", "cortex-a53", "cortex-a72")
 PERSONAL_MODES = ("none", "bn", "head", "bn+head")  # fed.personal: what stays on each camera (shared/personal.py)
 COMPRESS_MODES = ("none", "int8", "topk")  # fed.compress: how deltas travel (shared/compress.py)
 DP_MODES = ("off", "central", "local")  # fed.dp: differential privacy (server/federation/privacy.py)
+ATTACKS = ("none", "signflip", "scale", "noise", "malformed")  # drill.attack: what attacking cameras send (client/attack.py)
 DP_STRATEGIES = ("fedavg", "fedprox")  # what Flower's accountant accepts: FedAvg's own uniform average
 
 
@@ -187,6 +188,7 @@ class FedConfig:
     trim_beta: float
     krum_byzantine: int
     max_update_norm: float
+    norm_outlier: float
     round_timeout: float
     checkpoint_every: int
     central_every: int
@@ -271,6 +273,21 @@ class FedConfig:
 
 
 @dataclass(frozen=True)
+class DrillConfig:
+    """Fault injection for the drills (simulations/drills_attack.py): which simulated cameras attack, and how."""
+
+    attack: str
+    attackers: float
+    attack_scale: float
+
+    def __post_init__(self):
+        if self.attack not in ATTACKS:
+            raise ValueError(f"config key 'drill.attack': '{self.attack}' is not one of {', '.join(ATTACKS)}")
+        if not 0 <= self.attackers <= 1:
+            raise ValueError(f"config key 'drill.attackers': {self.attackers} is not in [0, 1]")
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int
     run_dir: str
@@ -282,6 +299,7 @@ class Config:
     snapshot: SnapshotConfig
     eval: EvalConfig
     fed: FedConfig
+    drill: DrillConfig
 
     def replace(self, **flat: Any) -> "Config":
         """A copy with flat overrides such as {"train.lr": 0.01} applied (same rules as run config)."""
@@ -328,7 +346,8 @@ def _build(cls: type, flat: Mapping[str, Any], prefix: str) -> Any:
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "distill": DistillConfig,
-             "snapshot": SnapshotConfig, "eval": EvalConfig, "fed": FedConfig}
+             "snapshot": SnapshotConfig, "eval": EvalConfig, "fed": FedConfig,
+             "drill": DrillConfig}
 
 
 def load_config(overrides: Mapping[str, Any] | None = None) -> Config:

@@ -141,3 +141,82 @@ def test_personal_keys_are_left_out_by_cameras_and_kept_by_every_strategy(name, 
     assert event.data["accepted"] == 2 and not outcomes[3]["ok"]
     assert "packed" in outcomes[3]["reason"]  # packed with its BatchNorm: more values than the shared layout
     assert "carries personal keys" in outcomes[4]["reason"] and sorted(keys)[0] in outcomes[4]["reason"]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedmedian"])
+def test_update_far_beyond_the_rounds_median_norm_is_rejected(name, tiny_cfg, tiny_student):
+    """fed.norm-outlier: a x10 update is refused with its norm and the median named; the honest ones are averaged."""
+    state, events = tiny_student.state_dict(), []
+    strategy = prepared(name, tiny_cfg, to_record(state), events)
+    strategy.max_update_norm, strategy.norm_outlier = None, 5.0
+    def replies():
+        return [reply(pack(shifted(state, d)), n) for n, d in ((1, 0.01), (2, 0.012), (3, 0.011), (4, 0.11))]
+
+    arrays, _ = strategy.aggregate_train(1, replies())
+    outcomes = {c["node_id"]: c for c in events[-1].data["clients"]}
+    assert [n for n, c in outcomes.items() if not c["ok"]] == [4]
+    assert "exceeds 5x the round's median" in outcomes[4]["reason"]
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 4)
+    moved = float(np.mean(arrays[key].numpy() - state[key].numpy()))
+    assert 0.0099 < moved < 0.0121  # within the honest shifts: the scaled one took no part
+    strategy.norm_outlier = 0.0  # off: the same update is accepted
+    strategy.aggregate_train(1, replies())
+    assert events[-1].data["accepted"] == 4
+
+
+def lying(arrays: ArrayRecord) -> ArrayRecord:
+    """The first array's header declares the whole tensor; its bytes hold half of it."""
+    from flwr.app import Array
+
+    out = dict(arrays.items())
+    key, arr = next(iter(out.items()))
+    half = Array(arr.numpy().reshape(-1)[: arr.numpy().size // 2].copy())
+    out[key] = Array(dtype=arr.dtype, shape=tuple(arr.shape), stype=half.stype, data=half.data)
+    return ArrayRecord(out)
+
+
+def garbage(arrays: ArrayRecord) -> ArrayRecord:
+    from flwr.app import Array
+
+    out = dict(arrays.items())
+    key, arr = next(iter(out.items()))
+    out[key] = Array(dtype=arr.dtype, shape=tuple(arr.shape), stype=arr.stype, data=b"\x93NUMPY not really")
+    return ArrayRecord(out)
+
+
+def half_precision(arrays: ArrayRecord) -> ArrayRecord:
+    from flwr.app import Array
+
+    return ArrayRecord({k: Array(a.numpy().astype(np.float16)) if a.dtype == "float32" else a
+                        for k, a in arrays.items()})
+
+
+MALFORMED = {  # name -> (how the reply is broken, what the reason must say)
+    "lying header": (lambda c: c.__setitem__("arrays", lying(c["arrays"])), "declares float32"),
+    "lying packed header": (lambda c: c.__setitem__("arrays", lying(pack(c["arrays"]))), "declares float32"),
+    "not .npy bytes": (lambda c: c.__setitem__("arrays", garbage(c["arrays"])), "undecodable array"),
+    "float16 weights": (lambda c: c.__setitem__("arrays", half_precision(c["arrays"])), "dtype float16"),
+    "no num-examples": (lambda c: c["metrics"].__delitem__("num-examples"), "num-examples is None"),
+    "infinite num-examples": (lambda c: c["metrics"].__setitem__("num-examples", float("inf")), "num-examples is inf"),
+    "two metric records": (lambda c: c.__setitem__("more", MetricRecord({"x": 1.0})), "2 metric records"),
+    "an extra array record": (lambda c: c.__setitem__("extra", ArrayRecord()), "unexpected array records"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_a_malformed_reply_is_rejected_by_name_and_the_round_goes_on(name, tiny_cfg, tiny_student):
+    """Drill 6 on the Flower side: each broken reply gets a reason naming the defect; the honest replies are
+    averaged (one of them with a metric key the others lack, which Flower alone would fail the round on)."""
+    state, events = tiny_student.state_dict(), []
+    strategy = prepared("fedavg", tiny_cfg, to_record(state), events)
+    bad = reply(shifted(state, 0.5), 3)
+    breaks, reason = MALFORMED[name]
+    breaks(bad.content)
+    odd = reply(pack(shifted(state, 0.02)), 2)
+    odd.content["metrics"]["only-here"] = 1.0
+    arrays, _ = strategy.aggregate_train(1, [reply(pack(shifted(state, 0.01)), 1), odd, bad])
+    outcomes = {c["node_id"]: c for c in events[-1].data["clients"]}
+    assert outcomes[1]["ok"] and outcomes[2]["ok"] and not outcomes[3]["ok"]
+    assert reason in outcomes[3]["reason"], outcomes[3]["reason"]
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 4)
+    assert float(np.mean(arrays[key].numpy() - state[key].numpy())) == pytest.approx(0.015, abs=1e-4)

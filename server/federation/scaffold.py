@@ -24,6 +24,8 @@ class Scaffold(FedAvg):
     N the cameras connected. Weights are averaged as FedAvg does them; c starts empty (zero) and grows a key
     the first time a camera reports it."""
 
+    side_records = frozenset({CONTROL})  # a reply's second ArrayRecord: the screening lets it through
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.scaffold_c: dict[str, np.ndarray] = {}  # resume puts the saved c here (strategies.STATE_KEYS)

@@ -17,7 +17,7 @@ from server.federation.events import ClientOutcome, EventBus, client_error
 from server.federation.privacy import WEIGHT_KEY, CentralDp, Ledger
 from server.federation.scaffold import Scaffold
 from server.federation.wire import ServerWire
-from shared.arrays import UpdateError, check_compatible, is_packed, layout_of, to_state_dict, unpack
+from shared.arrays import UpdateError, check_compatible, check_decodable, is_packed, layout_of, to_state_dict, unpack
 from shared.compress import message_bytes
 from shared.config import FedConfig
 from shared.train import round_seed
@@ -31,6 +31,34 @@ class NotEnoughNodes(RuntimeError):
     """Fewer nodes connected than the run needs, within the bounded wait."""
 
 
+def check_reply_records(msg: Message, side_records: frozenset[str]) -> None:
+    """What Flower's aggregation demands of a reply, checked per reply: it raises for the whole round otherwise."""
+    records = msg.content.array_records
+    if not records:
+        raise UpdateError("reply carries no weights")
+    extra = [k for k in list(records)[1:] if k not in side_records]
+    if extra:
+        raise UpdateError(f"reply carries unexpected array records {extra[:3]}")
+    if len(msg.content.metric_records) != 1:
+        raise UpdateError(f"reply carries {len(msg.content.metric_records)} metric records, expected 1")
+    count = next(iter(msg.content.metric_records.values())).get("num-examples")
+    if isinstance(count, bool) or not isinstance(count, (int, float)) or not 0 < count < float("inf"):
+        raise UpdateError(f"num-examples is {count!r}, not a positive number")
+
+
+def common_metrics(good: list[Message]) -> list[Message]:
+    """Flower averages metrics only when every reply has the same keys: one camera's extra or missing key would
+    fail the whole round, so each reply keeps the scalar keys all accepted replies share (events keep them all)."""
+    if not good:
+        return good
+    records = [next(iter(m.content.metric_records.values())) for m in good]
+    shared = set.intersection(*({k for k, v in r.items() if isinstance(v, (int, float))} for r in records))
+    for record in records:
+        for key in [k for k in record.keys() if k not in shared]:
+            del record[key]
+    return good
+
+
 class FedcamMixin:
     """Put before a Flower strategy in the bases: screens updates, emits events, offsets rounds for resume."""
 
@@ -38,6 +66,7 @@ class FedcamMixin:
     round_offset: int = 0
     seed: int = 0
     max_update_norm: float | None = None
+    norm_outlier: float = 0.0  # fed.norm-outlier
     wait_timeout: float = 60.0
     personal: frozenset[str] = frozenset()  # keys the cameras keep (fed.personal): replies leave them out
     wire: ServerWire = ServerWire("none", "none", 0.1, 0)  # fed.compress: how models travel each way
@@ -118,9 +147,9 @@ class FedcamMixin:
             metrics["bytes-down"] = float(getattr(self, "_bytes_down", {}).get(node, 0))
             metrics["bytes-up"] = float(message_bytes(msg))
             try:
-                if not msg.content.array_records:
-                    raise UpdateError("reply carries no weights")
+                check_reply_records(msg, getattr(self, "side_records", frozenset()))
                 key, record = next(iter(msg.content.array_records.items()))
+                check_decodable(record)  # headers that lie about the bytes they carry go no further
                 record = self.wire.decode_up(record, self._reference, self.personal)  # screening below sees the decoded update
                 if is_packed(record):
                     record = unpack(record, [item for item in self._layout if item[0] not in self.personal])
@@ -138,7 +167,26 @@ class FedcamMixin:
             self.wire.confirm(node, metrics)
             good.append(msg)
             outcomes.append(ClientOutcome(node, True, "", metrics))
-        return good, outcomes
+        good, outcomes = self._drop_outliers(good, outcomes)
+        return common_metrics(good), outcomes
+
+    def _drop_outliers(self, good: list[Message], outcomes: list[ClientOutcome]):
+        """fed.norm-outlier: an update far longer than the round's median (a scaled attack, a runaway camera) is
+        rejected. An absolute bound cannot do this alone: honest norms follow the local lr and steps."""
+        accepted = [o for o in outcomes if o.ok]
+        if self.norm_outlier <= 0 or len(accepted) < 3:  # the median of two is their mean: no outlier test
+            return good, outcomes
+        median = float(np.median([o.metrics["update-norm-server"] for o in accepted]))
+        bound, kept = self.norm_outlier * median if median > 0 else float("inf"), []
+        for msg, outcome in zip(good, accepted):
+            norm = outcome.metrics["update-norm-server"]
+            if norm > bound:
+                why = f"update norm {norm:.3g} exceeds {self.norm_outlier:g}x the round's median {median:.3g}"
+                outcome.ok, outcome.reason = False, f"update rejected: {why}"
+                log.warning("round update from node %d rejected: %s", outcome.node_id, why)
+            else:
+                kept.append(msg)
+        return kept, outcomes
 
     def _with_global_personal(self, record: ArrayRecord) -> ArrayRecord:
         """The full record the strategy aggregates: the personal keys (left out by every camera) hold the
@@ -235,6 +283,7 @@ def make_strategy(f: FedConfig, bus: EventBus, seed: int, round_offset: int = 0,
         strategy.ledger = Ledger(f)
     strategy.bus, strategy.seed, strategy.round_offset = bus, seed, round_offset
     strategy.max_update_norm = f.max_update_norm if f.max_update_norm > 0 else None
+    strategy.norm_outlier = f.norm_outlier
     strategy.wait_timeout = f.round_timeout
     strategy.personal = frozenset(personal)
     strategy.wire = ServerWire(f.compress, f.downlink, f.compress_topk, seed)
