@@ -1,5 +1,5 @@
 """The attack drill's attackers (drill.attack): a ClientApp mod that replaces a camera's honest update with a
-sign-flipped, scaled, noise or malformed one on its way out. Off unless the run or node config says so."""
+sign-flipped, scaled, noise or malformed one on its way out, or crashes. Off unless the run or node config says so."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def attack_of(node_config: Mapping, run_config: Mapping) -> str:
     return own
 
 
-def poisoned(delta: np.ndarray, mode: str, scale: float, rng: np.random.Generator) -> np.ndarray:
+def poisoned(delta: np.ndarray, mode: str, scale: float, flip: float, rng: np.random.Generator) -> np.ndarray:
     if mode == "signflip":
-        return -delta
+        return -flip * delta
     if mode == "scale":
         return delta * scale
     # noise: a random direction as long as the honest update, so no norm bound can tell it apart
@@ -64,13 +64,19 @@ def attack_mod(msg: Message, context: Context, call_next) -> Message:
         raise ValueError(f"attack '{mode}' needs the reply to hold the whole model (fed.personal = none)")
     if mode == "malformed":
         return malformed(reply)
+    if mode == "crash":  # drill 1 in simulation: the work is done, the camera dies before it answers
+        if int(msg.content["config"].get("server-round", 0)) == int(context.run_config.get("drill.crash-round", 2)):
+            raise RuntimeError(f"drill: camera {context.node_config.get('partition-id', context.node_id)} crashed "
+                               "mid-round")
+        return reply
     seed = int(msg.content["config"].get("seed", 0)) * 1009 + int(context.node_config.get("partition-id", 0))
     rng, scale = np.random.default_rng(seed), float(context.run_config.get("drill.attack-scale", 10.0))
+    flip = float(context.run_config.get("drill.flip-scale", 1.0))
     out = OrderedDict()
     for key, arr in sent.items():
         value = arr.numpy()
         if value.dtype.kind == "f":  # integer buffers (BatchNorm's batch counters) stay as they are
-            value = received[key] + poisoned(value - received[key], mode, scale, rng)
+            value = received[key] + poisoned(value - received[key], mode, scale, flip, rng)
         out[key] = Array(np.array(value, order="C"))
     reply.content["arrays"] = ArrayRecord(out)  # nothing else tells: Flower needs the same metric keys from all
     return reply

@@ -160,7 +160,7 @@ LATENCY_TARGETS = ("host", "cortex-a7", "cortex-a53", "cortex-a72")
 PERSONAL_MODES = ("none", "bn", "head", "bn+head")  # fed.personal: what stays on each camera (shared/personal.py)
 COMPRESS_MODES = ("none", "int8", "topk")  # fed.compress: how deltas travel (shared/compress.py)
 DP_MODES = ("off", "central", "local")  # fed.dp: differential privacy (server/federation/privacy.py)
-ATTACKS = ("none", "signflip", "scale", "noise", "malformed")  # drill.attack: what attacking cameras send (client/attack.py)
+ATTACKS = ("none", "signflip", "scale", "noise", "malformed", "crash")  # drill.attack: what attacking cameras send (client/attack.py)
 DP_STRATEGIES = ("fedavg", "fedprox")  # what Flower's accountant accepts: FedAvg's own uniform average
 
 
@@ -279,6 +279,8 @@ class DrillConfig:
     attack: str
     attackers: float
     attack_scale: float
+    flip_scale: float
+    crash_round: int
 
     def __post_init__(self):
         if self.attack not in ATTACKS:

@@ -1,5 +1,6 @@
 """Fault drills (issue 23), real processes on loopback: what was done, what held, with figures. The federation's
-drills (1, 5, 3: simulations/drills_federation.py) run on the Deployment Engine. The device agent's (drill 4):
+drills (1, 5, 3: simulations/drills_federation.py) run on the Deployment Engine, the attackers' (2:
+simulations/drills_attack.py) in the Simulation Engine. The device agent's (drill 4):
 `fedcam-device run` SIGKILLed at random moments of pulls and swaps, its state.json broken, its disk full; after each
 it must serve a verified snapshot at once and reach the newest one by polling. And bad input on the registry's two
 sides (part of drill 6): requests with path tricks to `fedcam serve`, a lying registry to a running device."""
@@ -281,6 +282,7 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-federation", action="store_true", help="only the device and registry drills")
+    ap.add_argument("--skip-attacks", action="store_true", help="leave out drill 2 and drill 1 in simulation (15 simulations, about 45 min)")
     args = ap.parse_args()
     # SIGTERM unwinds like Ctrl-C: every drill's context managers stop the processes it started, by PID.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -304,6 +306,12 @@ def main() -> None:
             from drills_federation import drill_federation  # beside this script
 
             rows = drill_federation(work / "federation") + rows
+        if not args.skip_attacks:
+            from drills_attack import drill_attacks, drill_crash  # beside this script
+
+            attack_rows, table = drill_attacks(work / "attacks")
+            print("\n".join(table), flush=True)
+            rows = [drill_crash(work / "attacks"), *attack_rows, *rows]
     print("\n| drill | what was done | what held | figures |\n| --- | --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(row) + " |")

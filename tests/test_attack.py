@@ -56,7 +56,7 @@ def test_each_attack_replaces_the_update_as_named(mode, tiny_student):
     delta = out.content["arrays"][floats].numpy() - received[floats].numpy()
     honest = np.full_like(delta, 0.01)
     if mode == "signflip":
-        np.testing.assert_allclose(delta, -honest, atol=1e-6)
+        np.testing.assert_allclose(delta, -3 * honest, atol=1e-6)  # drill.flip-scale
     elif mode == "scale":
         np.testing.assert_allclose(delta, 10 * honest, rtol=1e-3, atol=1e-6)
     else:  # as long as the honest update, in an unrelated direction
@@ -86,3 +86,17 @@ def test_a_malformed_attacker_sends_a_lying_header(tiny_student):
     with pytest.raises(UpdateError, match="packed.float32: declares float32"):
         check_decodable(out.content["arrays"])
     assert "malformed" in out.content["metrics"]
+
+
+def test_a_crashing_camera_raises_in_its_round_only(tiny_student):
+    received = pack(to_record(tiny_student.state_dict()))
+    ctx = Context(1, 5, {"partition-id": 1, "num-partitions": 5}, RecordDict(), run_config(attack="crash",
+                                                                                            attackers=0.4))
+    for rnd in (1, 2, 3):
+        msg = Message(RecordDict({"arrays": received, "config": ConfigRecord({"server-round": rnd})}),
+                      dst_node_id=5, message_type="train")
+        if rnd == 2:
+            with pytest.raises(RuntimeError, match="camera 1 crashed mid-round"):
+                attack_mod(msg, ctx, honest_app(0.01))
+        else:
+            assert not attack_mod(msg, ctx, honest_app(0.01)).has_error()

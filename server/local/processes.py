@@ -54,3 +54,23 @@ class Family:
                 break
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.root.wait(timeout=5.0)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM unwinds like Ctrl-C while this is open: the `finally` that stops every started process runs. Python's
+    default is to die at once, leaving a SuperLink and Ray's daemons behind."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signals can only be handled there
+        yield
+        return
+
+    def exit_(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -17,7 +17,7 @@ import tomli_w
 
 from shared.config import Config, PYPROJECT, to_flat
 from shared.env import OFFLINE_ENV, STATE_DIR, ray_home
-from server.local.processes import Family
+from server.local.processes import Family, stop_on_sigterm
 from shared.run_dir import RunDir
 
 APP_DIR = PYPROJECT.parent
@@ -90,37 +90,38 @@ def launch(cfg: Config, num_nodes: int, extra_env: dict[str, str] | None = None,
     connection(layout.flwr_home, port)
     deadline = time.monotonic() + timeout if timeout else float("inf")
     families: list[Family] = []
-    try:
-        with open(run_dir / "superlink.log", "ab") as out:
-            superlink = subprocess.Popen(
-                [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
-                 "--disable-runtime-dependency-installation"],
-                env=env, cwd=run_dir, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
-        families.append(Family(superlink))
-        if not wait_listening(port, superlink, min(deadline, time.monotonic() + 120)):
-            return -1 if time.monotonic() >= deadline else 1
-        overrides = run_config_file(layout.flwr_home / "run_config.toml", flat)
-        fed = " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config(cfg, num_nodes, ray_address).items())
-        with open(layout.log, "ab") as out:
-            seen = out.tell()  # a resumed run appends to the log: its run id comes after this
-            stream = subprocess.Popen(
-                [str(BIN / "flwr"), "run", str(APP_DIR), SUPERLINK, "--run-config", str(overrides), "--federation-config", fed,
-                 "--stream"], env=env, cwd=run_dir, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
-        families.append(Family(stream))
-        ticks = 0
-        while stream.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-            ticks += 1
-            if ticks % 4 == 0:  # the simulation and Ray's daemons, while they are still attached
-                families[0].watch()
-            if on_tick:
-                on_tick()
-        if stream.returncode is None:
-            return -1
-        return finished(env, layout, seen)
-    finally:
-        for family in families[::-1]:
-            family.stop()
+    with stop_on_sigterm():  # a SIGTERM'd `fedcam simulate` still stops what it started
+        try:
+            with open(run_dir / "superlink.log", "ab") as out:
+                superlink = subprocess.Popen(
+                    [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+                     "--port", str(port), "--disable-runtime-dependency-installation"],
+                    env=env, cwd=run_dir, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+            families.append(Family(superlink))
+            if not wait_listening(port, superlink, min(deadline, time.monotonic() + 120)):
+                return -1 if time.monotonic() >= deadline else 1
+            overrides = run_config_file(layout.flwr_home / "run_config.toml", flat)
+            fed = " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config(cfg, num_nodes, ray_address).items())
+            with open(layout.log, "ab") as out:
+                seen = out.tell()  # a resumed run appends to the log: its run id comes after this
+                stream = subprocess.Popen(
+                    [str(BIN / "flwr"), "run", str(APP_DIR), SUPERLINK, "--run-config", str(overrides),
+                     "--federation-config", fed, "--stream"], env=env, cwd=run_dir, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+            families.append(Family(stream))
+            ticks = 0
+            while stream.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+                ticks += 1
+                if ticks % 4 == 0:  # the simulation and Ray's daemons, while they are still attached
+                    families[0].watch()
+                if on_tick:
+                    on_tick()
+            if stream.returncode is None:
+                return -1
+            return finished(env, layout, seen)
+        finally:
+            for family in families[::-1]:
+                family.stop()
 
 
 SUPERLINK = "fedcam-sim"  # the Flower CLI's connection name, kept in the run's own FLWR_HOME
