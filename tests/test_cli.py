@@ -40,3 +40,30 @@ def test_the_live_view_reads_only_what_was_appended_and_waits_for_a_half_written
     log(Event(kind="round_end", round=1))
     assert [e["kind"] for e in tail.read()] == ["run_start", "round_start", "round_end"]  # the bad line skipped
     assert tail.read() == read_events(path)
+
+
+def test_sigterm_unwinds_through_the_finally_that_stops_started_processes():
+    """`fedcam simulate` under SIGTERM (systemd, a CI timeout, kill) runs its cleanup instead of dying at once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import pytest
+
+    from server.local.processes import Family, stop_on_sigterm
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            with stop_on_sigterm():
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler before the next line
+                finally:
+                    Family(child).stop(grace=5)
+        assert exited.value.code == 128 + signal.SIGTERM
+        assert child.wait(timeout=5) is not None
+        assert signal.getsignal(signal.SIGTERM) is before  # the handler is only borrowed
+    finally:
+        child.kill()
