@@ -36,15 +36,19 @@ def poisoned(delta: np.ndarray, mode: str, scale: float, flip: float, rng: np.ra
     return (noise * (np.linalg.norm(delta) / max(np.linalg.norm(noise), 1e-12))).astype(delta.dtype)
 
 
-def malformed(reply: Message) -> Message:
-    """A reply whose first array's header lies (it declares the whole tensor, its bytes hold half), with a metric key
-    no other camera sends: what a broken or hostile device's serializer might produce."""
-    sent = reply.content["arrays"]
-    out = OrderedDict(sent.items())
-    key, arr = next(iter(sent.items()))
+def lying(record: ArrayRecord) -> ArrayRecord:
+    """The record with its first array's header lying: it declares the whole tensor, its bytes hold half of it."""
+    out = OrderedDict(record.items())
+    key, arr = next(iter(record.items()))
     half = Array(arr.numpy().reshape(-1)[: arr.numpy().size // 2].copy())
     out[key] = Array(dtype=arr.dtype, shape=tuple(arr.shape), stype=half.stype, data=half.data)
-    reply.content["arrays"] = ArrayRecord(out)
+    return ArrayRecord(out)
+
+
+def malformed(reply: Message) -> Message:
+    """A reply whose weights' header lies, with a metric key no other camera sends: what a broken or hostile
+    device's serializer might produce."""
+    reply.content["arrays"] = lying(reply.content["arrays"])
     reply.content["metrics"]["malformed"] = 1.0
     return reply
 

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 
 from server.federation.events import EventBus
 from server.federation.strategies import BASES, make_strategy
+from client.attack import lying
 from shared.arrays import layout_of, pack, to_record, to_state_dict
 
 
@@ -164,17 +165,6 @@ def test_update_far_beyond_the_rounds_median_norm_is_rejected(name, tiny_cfg, ti
     assert events[-1].data["accepted"] == 4
 
 
-def lying(arrays: ArrayRecord) -> ArrayRecord:
-    """The first array's header declares the whole tensor; its bytes hold half of it."""
-    from flwr.app import Array
-
-    out = dict(arrays.items())
-    key, arr = next(iter(out.items()))
-    half = Array(arr.numpy().reshape(-1)[: arr.numpy().size // 2].copy())
-    out[key] = Array(dtype=arr.dtype, shape=tuple(arr.shape), stype=half.stype, data=half.data)
-    return ArrayRecord(out)
-
-
 def garbage(arrays: ArrayRecord) -> ArrayRecord:
     from flwr.app import Array
 
@@ -191,7 +181,7 @@ def half_precision(arrays: ArrayRecord) -> ArrayRecord:
                         for k, a in arrays.items()})
 
 
-MALFORMED = {  # name -> (how the reply is broken, what the reason must say)
+MALFORMED = {  # name -> (how the reply is broken, what the reason must say); lying: client/attack.py's
     "lying header": (lambda c: c.__setitem__("arrays", lying(c["arrays"])), "declares float32"),
     "lying packed header": (lambda c: c.__setitem__("arrays", lying(pack(c["arrays"]))), "declares float32"),
     "not .npy bytes": (lambda c: c.__setitem__("arrays", garbage(c["arrays"])), "undecodable array"),
