@@ -17,10 +17,11 @@ def attack_of(node_config: Mapping, run_config: Mapping) -> str:
     drill.attack when its partition is among the first drill.attackers fraction; 'none' otherwise."""
     own = str(node_config.get("attack", "")) or None
     if own is None:
-        if "partition-id" not in node_config:
+        own = str(run_config.get("drill.attack", "none"))
+        if own == "none" or "partition-id" not in node_config:  # off, or not a simulated camera
             return "none"
-        count = round(float(run_config.get("drill.attackers", 0.0)) * int(node_config["num-partitions"]))
-        own = str(run_config.get("drill.attack", "none")) if int(node_config["partition-id"]) < count else "none"
+        count = round(float(run_config.get("drill.attackers", 0.0)) * int(node_config.get("num-partitions", 0)))
+        own = own if int(node_config["partition-id"]) < count else "none"
     if own not in ATTACKS:
         raise ValueError(f"attack '{own}' is not one of {', '.join(ATTACKS)}")
     return own

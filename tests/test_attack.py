@@ -27,6 +27,7 @@ def test_the_first_fraction_of_partitions_attack_and_a_node_config_overrides():
     chosen = [p for p in range(10) if attack_of({"partition-id": p, "num-partitions": 10}, rc) != "none"]
     assert chosen == [0, 1]
     assert attack_of({"partition-id": 0, "num-partitions": 10}, run_config()) == "none"  # off by default
+    assert attack_of({"partition-id": 0}, run_config()) == "none"  # a camera the tests call directly
     assert attack_of({"attack": "noise"}, run_config()) == "noise"  # a real SuperNode's own setting
     with pytest.raises(ValueError, match="attack 'flood' is not one of"):
         attack_of({"attack": "flood"}, rc)
