@@ -9,7 +9,7 @@ from typing import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 
-from shared.config import ATTACKS
+from shared.fed_config import ATTACKS
 
 
 def attack_of(node_config: Mapping, run_config: Mapping) -> str:
