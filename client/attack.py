@@ -70,18 +70,19 @@ def attack_mod(msg: Message, context: Context, call_next) -> Message:
     if mode == "malformed":
         return malformed(reply)
     if mode == "crash":  # drill 1 in simulation: the work is done, the camera dies before it answers
-        if int(msg.content["config"].get("server-round", 0)) == int(context.run_config.get("drill.crash-round", 2)):
+        if int(msg.content["config"].get("server-round", 0)) == int(context.run_config["drill.crash-round"]):
             raise RuntimeError(f"drill: camera {context.node_config.get('partition-id', context.node_id)} crashed "
                                "mid-round")
         return reply
     seed = int(msg.content["config"].get("seed", 0)) * 1009 + int(context.node_config.get("partition-id", 0))
-    rng, scale = np.random.default_rng(seed), float(context.run_config.get("drill.attack-scale", 10.0))
-    flip = float(context.run_config.get("drill.flip-scale", 1.0))
+    # The run config carries every drill.* key (defaults from pyproject): no second set of defaults here.
+    rng, scale = np.random.default_rng(seed), float(context.run_config["drill.attack-scale"])
+    flip = float(context.run_config["drill.flip-scale"])
     out = OrderedDict()
     for key, arr in sent.items():
         value = arr.numpy()
         if value.dtype.kind == "f":  # integer buffers (BatchNorm's batch counters) stay as they are
             value = received[key] + poisoned(value - received[key], mode, scale, flip, rng)
         out[key] = Array(np.array(value, order="C"))
-    reply.content["arrays"] = ArrayRecord(out)  # nothing else tells: Flower needs the same metric keys from all
+    reply.content["arrays"] = ArrayRecord(out)  # no metric marks it: the drill knows its attackers by partition
     return reply

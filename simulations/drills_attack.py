@@ -1,6 +1,7 @@
-"""The attack drill (issue 23, drill 2) in Flower's Simulation Engine: 20 % of the cameras send sign-flipped, noise or
-x10 scaled updates (drill.attack); the final mean per-camera val mAP50 of the global model per strategy, against the
-clean runs, and which updates the screening rejected."""
+"""The attack drill (issue 23, drill 2) in Flower's Simulation Engine: 20 % of the cameras send sign-flipped, noise,
+x10 scaled or malformed updates (drill.attack); the final mean per-camera val mAP50 of the global model per strategy,
+against the clean runs, and which updates the screening rejected. Also drill 1 in simulation: 30 % of the cameras
+crash in round 2 and come back."""
 
 from __future__ import annotations
 
