@@ -98,7 +98,9 @@ def test_deployment_tls_auth_two_rounds_with_a_node_killed_and_restarted(tmp_pat
             assert pointer["version"] == own[name]["version"] == "v0001"
     # Every process group we started is gone: SuperLink with its ServerApp, SuperNodes with their ClientApps.
     # (and nothing else whose command line points into this test's folder: SuperExecs, ServerApp, ClientApps)
-    alive = [p.pid for p in psutil.process_iter() if _pgid(p.pid) in started or str(tmp_path) in _cmdline(p)]
+    # A zombie runs nothing (whether it is reaped depends on the container's init), so it does not count.
+    alive = [f"{p.pid} {_cmdline(p)[:160]}" for p in psutil.process_iter()
+             if (_pgid(p.pid) in started or str(tmp_path) in _cmdline(p)) and _running(p)]
     assert alive == []
     records = [json.loads(line) for line in egress.read_text().splitlines()] if egress.exists() else []
     assert records and [r for r in records if not r["allowed"]] == []
@@ -109,6 +111,13 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _cmdline(p: psutil.Process) -> str:

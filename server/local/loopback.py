@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from server.local.processes import Family
+from server.local.processes import Family, stop_strays
 from server.local.simulation import run_status
 from shared.config import PYPROJECT
 from shared.env import OFFLINE_ENV
@@ -75,6 +75,11 @@ class Loopback:
     def stop_all(self) -> None:
         for name in list(self.procs):
             self.kill(name, signal.SIGTERM)
+        # A ClientApp or ServerApp whose SuperExec started it after the last look at the family, then lost its
+        # parent, belongs to no family any more: it still works in our folder or names it on its command line.
+        left = stop_strays(self.work)
+        if left:
+            print("stopped strays of the loopback deployment:", *left, sep="\n  ")
 
     def __enter__(self) -> "Loopback":
         return self

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import psutil
 
@@ -54,6 +55,42 @@ class Family:
                 break
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.root.wait(timeout=5.0)
+
+
+
+def strays(folder: Path) -> list[psutil.Process]:
+    """Living processes that work in `folder` or name it on their command line: what a run there may have left
+    detached from every family (a SuperExec's app process started after the last `watch()`), never this one."""
+    folder, me = str(Path(folder).resolve()), os.getpid()
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.pid == me or p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if folder in " ".join(p.cmdline()) or p.cwd().startswith(folder):
+                found.append(p)
+    return found
+
+
+def stop_strays(folder: Path, grace: float = 10.0) -> list[str]:
+    """SIGTERM, then SIGKILL, every stray of `folder`; returns what was found, for the log."""
+    found = strays(folder)
+    names = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in found if _quiet(p.is_running)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in found:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(sig)
+        _, found = psutil.wait_procs(found, timeout=grace if sig == signal.SIGTERM else 5.0)
+        if not found:
+            break
+    return names
+
+
+def _quiet(call) -> bool:
+    try:
+        return bool(call())
+    except psutil.Error:
+        return False
 
 
 @contextlib.contextmanager
