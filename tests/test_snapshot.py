@@ -52,6 +52,31 @@ def test_pruning_keeps_head_outputs_and_narrow_layers(tiny_cfg, tiny_student):
             assert after[name].out_channels % 4 == 0, name
 
 
+
+def test_replay_cuts_a_cameras_copy_channel_for_channel_as_the_snapshot_was_cut(tiny_student):
+    """Two search steps recorded; replayed on the unpruned model they give the pruned one exactly (before any
+    recovery), and replayed on a camera's copy that differs in its BatchNorm only, only BatchNorm tensors differ."""
+    import copy
+
+    from torch import nn
+
+    from server.snapshots.prune import replay
+
+    dense = copy.deepcopy(tiny_student)
+    pruned = prune(prune(dense, 0.25, 64, round_to=4), 1 / 3, 64, round_to=4)
+    assert len(pruned.prune_steps) == 2 and models.count_params(pruned) < 0.8 * models.count_params(dense)
+    twin, want = replay(dense, pruned.prune_steps, 64).state_dict(), pruned.state_dict()
+    assert twin.keys() == want.keys() and all(torch.equal(twin[k], want[k]) for k in want)
+    own = copy.deepcopy(dense)
+    with torch.no_grad():
+        for m in own.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.add_(torch.rand_like(m.weight) + 0.1)
+    cut = replay(own, pruned.prune_steps, 64).state_dict()
+    norms = {n for n, m in pruned.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    differ = {k for k in cut if not torch.equal(cut[k], twin[k])}
+    assert differ == {f"{n}.weight" for n in norms}
+
 def test_taylor_pruning_ranks_by_the_frames_and_leaves_the_dense_model_alone(trained):
     """Taylor importance reads the labelled batches (another ranking than magnitude, same structure); computing
     it neither trains the dense model nor moves its BatchNorm statistics, and the pruned copy carries no

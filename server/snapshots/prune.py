@@ -62,4 +62,22 @@ def prune(model: nn.Module, ratio: float, imgsz: int, round_to: int = 8,
         p.grad = None  # the importance's grads are not the snapshot's
     # The widths travel in the model yaml (to checkpoints, and to clients that train the pruned student).
     pruned.yaml = with_structure(model.yaml, pruned)
+    # Which channels went, step after step: replay() cuts a camera's own copy of `model` the same way.
+    history = [[name, bool(out), [int(i) for i in idxs]] for name, out, idxs in pruner.DG.pruning_history()]
+    pruned.prune_steps = [*getattr(model, "prune_steps", []), history]
     return pruned
+
+
+def replay(model: nn.Module, steps: list, imgsz: int) -> nn.Module:
+    """A copy of `model` pruned as `steps` (a pruned model's `prune_steps`, counted from a model of `model`'s
+    structure) pruned that one: the same channels of the same layers, so the two line up tensor for tensor."""
+    out = split_c2f(copy.deepcopy(model)).eval()
+    for p in out.parameters():
+        p.requires_grad_(True)  # the dependency graph is traced through autograd
+    for history in steps:
+        graph = tp.DependencyGraph().build_dependency(
+            out, torch.zeros(1, 3, imgsz, imgsz),
+            output_transform=lambda o: o[0] if isinstance(o, (tuple, list)) else o)
+        graph.load_pruning_history(history)
+    out.yaml = with_structure(model.yaml, out)
+    return out.requires_grad_(False)
