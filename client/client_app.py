@@ -1,5 +1,5 @@
-"""Flower ClientApp: thin Message adapters around client.camera (fine-tune, evaluate) and client.calibration (the
-per-camera snapshot exchange: query.personal, query.calibrate, query.score)."""
+"""Flower ClientApp: thin Message adapters around client.camera (fine-tune, evaluate) and client.exchange (the
+per-camera snapshot exchange: query.personal, query.calibrate, query.score, or its steps riding on train)."""
 
 from __future__ import annotations
 
@@ -28,16 +28,6 @@ from client.wire import compression_mod  # noqa: E402
 app = ClientApp(mods=[secure_mod, compression_mod, privacy_mod, attack_mod])
 
 
-def personal_part(model, config, context: Context, cfg):
-    from client import camera
-
-    mode = str(config.get("personal", "none"))  # the server's plan (shared.train.local_plan)
-    path = camera.personal_file(context.node_config, cfg, model.yaml, mode)
-    finetuned = bool(config.get("keep-finetuned", False)) or float(config.get("ditto-lambda", 0.0)) > 0
-    kept = camera.personal_file(context.node_config, cfg, model.yaml, "finetuned") if finetuned else None
-    return camera.PersonalPart(model, mode, context.state, path, finetuned, kept)
-
-
 class Stages:
     """Seconds per stage of one message (setup, evaluation, fine-tuning, reply), reported with the metrics: where a
     simulated round's time goes outside training (simulations/bench_scale.py)."""
@@ -59,7 +49,9 @@ def train(msg: Message, context: Context) -> Message:
     started, stage = time.time(), Stages()
     with stage("import"):
         from client import camera  # torch/Ultralytics load on first message, not at import
+        from client.exchange import personal_part, ride
         from shared.arrays import is_packed, pack
+        from shared.snapshot.exchange import RIDE
         from shared.train import CONTROL
         from shared.config import load_config
     with stage("setup"):  # run config, the global model rebuilt from its yaml, the camera's data and personal part
@@ -105,6 +97,10 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({"arrays": reply})  # the weights first: the server screens the first ArrayRecord
     if control is not None:
         content[CONTROL] = control.update
+    if RIDE in msg.content.config_records:  # a step of the per-camera snapshot exchange rides on this round
+        with stage("exchange"):
+            for name, record in ride(msg.content[RIDE], msg.content["arrays"], config, context, cfg).items():
+                content[name] = record
     metrics.update({f"global-{k}": v for k, v in before.items()})
     metrics.update({f"own-{k}": v for k, v in own.items()})
     metrics["personal-kept"] = float(source != "global")  # 0: a first round, a late joiner or a reset part
@@ -135,6 +131,7 @@ def scaffold_control(model, part, msg: Message, context: Context, cfg):
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     from client import camera
+    from client.exchange import personal_part
     from shared.config import load_config
 
     cfg = load_config(context.run_config)
@@ -147,49 +144,33 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query("personal")
 def personal(msg: Message, context: Context) -> Message:
     """The camera's personal parameters for the snapshot's structure: what it runs, where that differs from it."""
-    from client import calibration, camera
-    from shared.arrays import pack, to_record
+    from client import exchange
     from shared.config import load_config
 
-    cfg, config = load_config(context.run_config), msg.content["config"]
-    model = camera.global_model(msg.content["arrays"], config)
-    received = {k: v.clone() for k, v in model.state_dict().items()}
-    source = personal_part(model, config, context, cfg).runs(model)  # 'global': none kept for this structure
-    own = calibration.personal_params(model, received) if source != "global" else {}
-    ident = calibration.camera_id(context.node_config, context.node_id)
-    # Packed, in the model's own key order: the server rebuilds the layout from `keys` and its copy of the model.
-    reply = ConfigRecord({"camera-id": ident, "keys": list(own)})
-    return Message(RecordDict({"arrays": pack(to_record(own)) if own else to_record({}), "config": reply}),
-                   reply_to=msg)
+    record, keys = exchange.own(msg.content["arrays"], msg.content["config"], context, load_config(context.run_config))
+    reply = ConfigRecord({"camera-id": exchange.ident(context), "keys": keys})
+    return Message(RecordDict({"arrays": record, "config": reply}), reply_to=msg)
 
 
 @app.query("calibrate")
 def calibrate(msg: Message, context: Context) -> Message:
     """Activation ranges of the sent fp32 graph over this camera's frames, and that graph's score on its val split."""
-    from client import calibration, camera
+    from client import exchange
     from shared.config import load_config
-    from shared.snapshot.calibration import to_lists
 
-    cfg = load_config(context.run_config)
-    data = camera.node_data(context.node_config, cfg)
-    graph = bytes(msg.content["config"]["onnx"])
-    ranges, frames = calibration.calibrate(graph, data, cfg)
-    fp32 = calibration.onnx_score(graph, data, cfg)
-    ident = calibration.camera_id(context.node_config, context.node_id)
-    stats = ConfigRecord({"camera-id": ident, **to_lists(ranges)})
-    metrics = MetricRecord({"frames": frames, "num-examples": fp32["num-examples"], "map50-fp32": fp32["map50"],
-                            "map-fp32": fp32["map"]})
+    stats, metrics = exchange.ranges(bytes(msg.content["config"]["onnx"]), context, load_config(context.run_config))
     return Message(RecordDict({"calibration": stats, "metrics": metrics}), reply_to=msg)
 
 
 @app.query("score")
 def score(msg: Message, context: Context) -> Message:
-    """The int8 candidate's score on this camera's val split: the figure the server gates it on."""
-    from client import calibration, camera
+    """The int8 candidate's score on this camera's val split, and the global snapshot's: the figures the server gates
+    it on."""
+    from client import exchange
     from shared.config import load_config
 
-    cfg = load_config(context.run_config)
-    got = calibration.onnx_score(bytes(msg.content["config"]["onnx"]), camera.node_data(context.node_config, cfg), cfg)
-    ident = calibration.camera_id(context.node_config, context.node_id)
-    metrics = MetricRecord({"num-examples": got["num-examples"], "map50-int8": got["map50"], "map-int8": got["map"]})
-    return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"camera-id": ident})}), reply_to=msg)
+    config = msg.content["config"]
+    metrics = exchange.score(bytes(config["onnx"]), context, load_config(context.run_config),
+                             bytes(config["global"]) if "global" in config else None)
+    return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"camera-id": exchange.ident(context)})}),
+                   reply_to=msg)

@@ -20,6 +20,7 @@ from shared import personal
 from shared.arrays import layout_of, pack, to_record, to_state_dict, unpack
 from shared.config import to_flat
 from shared.snapshot.calibration import CalibrationError, activation_ranges, from_lists, to_lists
+from shared.snapshot.exchange import RIDE, RIDE_ARRAYS
 from shared.train import local_plan
 
 pytestmark = pytest.mark.slow
@@ -112,11 +113,40 @@ def test_the_exchange_replies_carry_only_statistics_personal_tensors_and_figures
     assert set(out.content["metrics"].keys()) == {"num-examples", "map50-int8", "map-int8"}
     assert 0.0 <= out.content["metrics"]["map50-int8"] <= 1.0
 
+    # The same steps riding on train messages (snapshot.every): the reply is the update, its metrics and the step's
+    # answer, nothing more; a step the camera cannot do is named in its answer and its update still goes.
+    def ride(step: str, **extra) -> RecordDict:
+        asked = ConfigRecord({"step": step, "base": "v0001", **extra})
+        out = app(query("train", RecordDict({"arrays": pack(to_record(tiny_student)), "config": config, RIDE: asked})),
+                  context)
+        assert not out.has_error(), out.error.reason if out.has_error() else ""
+        return out.content
+
+    head = {"step", "base", "camera-id"}
+    got = ride("personal")
+    assert set(got.keys()) == {"arrays", "metrics", RIDE, RIDE_ARRAYS}
+    assert set(got[RIDE].keys()) == head | {"keys"} and got[RIDE]["step"] == "personal"
+    keys = list(got[RIDE]["keys"])
+    assert keys and set(keys) <= set(personal.personal_keys(tiny_student, "bn"))
+    unpack(got[RIDE_ARRAYS], [item for item in layout_of(to_record(tiny_student)) if item[0] in set(keys)])
+    got = ride("calibrate", onnx=pre.read_bytes())
+    assert set(got.keys()) == {"arrays", "metrics", RIDE}
+    assert set(got[RIDE].keys()) == head | {"tensors", "low", "high"} | {
+        f"metric-{k}" for k in ("frames", "num-examples", "map50-fp32", "map-fp32")}
+    got = ride("score", onnx=int8.read_bytes())
+    assert set(got[RIDE].keys()) == head | {f"metric-{k}" for k in ("num-examples", "map50-int8", "map-int8")}
+    got = ride("score", onnx=int8.read_bytes(), **{"global": int8.read_bytes()})  # the global one scored beside it
+    assert got[RIDE]["metric-map50-global"] == got[RIDE]["metric-map50-int8"]
+    assert got[RIDE]["metric-map-global"] == got[RIDE]["metric-map-int8"]
+    got = ride("score", onnx=b"not an onnx model")
+    assert set(got.keys()) == {"arrays", "metrics", RIDE} and "error" in got[RIDE], dict(got[RIDE])
+
 
 @pytest.fixture(scope="session")
 def camera_run(tmp_path_factory, tiny_cfg):
-    """A 2-camera, 1-round simulation with per-camera snapshots (fed.personal bn); camera 1's unlabelled pool has
-    corrupt frames only, so it trains as usual and only its part of the exchange fails."""
+    """A 2-camera, 1-round simulation with per-camera snapshots (fed.personal bn) of a global snapshot pruned after
+    the rounds (the tiny recipe's 50 %); camera 1's unlabelled pool has corrupt frames only, so it trains as usual
+    and only its part of the exchange fails."""
     from server.local import simulation
     from shared.data.world import ensure_world
 
@@ -127,8 +157,7 @@ def camera_run(tmp_path_factory, tiny_cfg):
     for frame in bad.iterdir():  # one bad frame is skipped and reported; with none usable the camera must fail
         frame.write_bytes(b"not a jpeg")
     cfg = sim_cfg(tiny_cfg, world, root / "run", **{"fed.rounds": 1, "fed.personal": "bn", "fed.freeze-bn": False,
-                                                    "snapshot.per-camera": True, "snapshot.prune-ratio": 0.0,
-                                                    "snapshot.tolerance": 1.0})
+                                                    "snapshot.per-camera": True, "snapshot.tolerance": 1.0})
     code = simulation.launch(cfg, 2, timeout=400)
     return cfg, code, bad
 
@@ -159,10 +188,43 @@ def test_each_camera_gets_its_own_snapshot_and_a_failing_one_keeps_the_global(ca
     assert manifest.extra["calibration"]["source"] == "camera cam00" and manifest.extra["int8_convs"] > 0
     (out,) = Detector(folder / "model.onnx", manifest.imgsz).raw(np.zeros((1, 3, 64, 64), np.uint8))
     assert out.shape[0] == 4 + len(manifest.names) and np.isfinite(out).all()
-    # A camera's snapshot is its own: different weights (its BatchNorm) and ranges than the global one.
-    assert manifest.sha256 != json.loads((registry.folder() / "v0001" / "manifest.json").read_text())["sha256"]
+    # A camera's snapshot is its own: different weights (its BatchNorm) and ranges than the global one. The global
+    # one was pruned after the rounds; the camera's keeps the structure it trained (its part does not survive the
+    # cut, README), and says so.
+    glob = registry.folder() / "v0001"
+    assert manifest.sha256 != json.loads((glob / "manifest.json").read_text())["sha256"]
+    assert json.loads((glob / "manifest.json").read_text())["extra"]["prune_ratio"] == 0.5
+    assert manifest.extra["prune_ratio"] == 0.0 and "unpruned" in manifest.extra["structure"]
+    weights = lambda path: sum(v.size for k, v in initializers(path).items() if not k.startswith("/"))  # noqa: E731
+    assert weights(folder / "model.onnx") > 1.5 * weights(glob / "model.onnx")
     assert [r["camera"] for r in registry.camera_rows()] == ["cam00"]
 
+
+
+def test_an_own_snapshot_worse_than_the_global_one_on_its_camera_is_refused(camera_run, tmp_path):
+    """Within the tolerance of its own fp32 model is not enough: the camera scores the global snapshot beside its
+    candidate, and a candidate below it is refused (the camera keeps the global one); a tie is published."""
+    import shutil
+
+    from server.snapshots.cameras import Camera, _gate_and_publish
+    from server.snapshots.export import inspect_optimized
+    from server.snapshots.pipeline import SnapshotResult, registry_for
+    from shared.snapshot.format import Manifest
+
+    cfg, _, _ = camera_run
+    shutil.copytree(Path(cfg.run_dir) / "snapshots", tmp_path / "snapshots")  # the run's own registry stays as it is
+    registry = registry_for(cfg.replace(**{"snapshot.dir": str(tmp_path / "snapshots")}))
+    folder = registry.folder() / "v0001"
+    base = SnapshotResult(Manifest.from_bytes((folder / "manifest.json").read_bytes()), True, "", 0, 0, 0, 0)
+    int8 = (folder / "model.onnx", inspect_optimized(folder / "model.onnx", tmp_path), 16, 10, {"map-fp32": 0.4})
+    worse, tie = Camera(7, "cam07", map50_fp32=0.5), Camera(8, "cam08", map50_fp32=0.5)
+    _gate_and_publish(worse, {"map50-int8": 0.5, "map-int8": 0.3, "map50-global": 0.6, "map-global": 0.4}, int8, base,
+                      cfg, registry)
+    assert not worse.published and "vs 0.600 of the global one on camera cam07" in worse.reason, worse.reason
+    assert registry.latest("cam07") is None
+    _gate_and_publish(tie, {"map50-int8": 0.5, "map-int8": 0.3, "map50-global": 0.5, "map-global": 0.3}, int8, base,
+                      cfg, registry)
+    assert tie.published and registry.latest("cam08")["version"] == "v0001"
 
 @pytest.mark.slow
 def test_cameras_that_do_not_answer_in_time_keep_the_global_snapshot(tiny_cfg, tiny_world, tmp_path):
@@ -184,3 +246,43 @@ def test_cameras_that_do_not_answer_in_time_keep_the_global_snapshot(tiny_cfg, t
     assert all("query.personal: no answer within 0 s" in o["reason"] for o in outcomes), outcomes
     registry = Registry(Path(cfg.run_dir) / "snapshots")
     assert registry.latest()["version"] == "v0001" and registry.camera_rows() == []
+
+
+@pytest.mark.slow
+def test_camera_snapshots_ride_on_the_rounds_every_snapshot_every(tiny_cfg, tiny_world, tmp_path):
+    """snapshot.every = 1 with per-camera snapshots: the exchange's steps ride on later rounds' train messages (one
+    step per round, personal -> calibrate -> score), so each camera's own snapshot of an earlier global one is
+    published while the rounds go on, and the exchange after the rounds still makes one of the last global one."""
+    from server.federation.events import read_events
+    from server.local import simulation
+    from server.snapshots.registry import Registry
+    from shared.run_dir import RunDir
+
+    cfg = sim_cfg(tiny_cfg, tiny_world, tmp_path / "run", **{"fed.rounds": 7, "fed.personal": "bn",
+                                                             "fed.freeze-bn": False, "snapshot.per-camera": True,
+                                                             "snapshot.every": 1, "snapshot.prune-ratio": 0.0,
+                                                             "snapshot.tolerance": 1.0})
+    run = RunDir(cfg.run_dir)
+    assert simulation.launch(cfg, 2, timeout=900) == 0, run.log.read_text()[-3000:]
+    events = read_events(run.events)
+    last_round_end = max(e["time"] for e in events if e["kind"] == "round_end" and e["round"] == 7)
+    final = [e for e in events if e["kind"] == "snapshot" and e["round"] == 7][0]["data"]["version"]
+    own = [e for e in events if e["kind"] == "camera_snapshot"]
+    during = [e for e in own if e["time"] < last_round_end]
+    assert {e["data"]["camera"] for e in during} == {"cam00", "cam01"}, own
+    assert all(e["data"]["published"] and e["data"]["personal_tensors"] > 0 for e in during), during
+    assert all(e["data"]["base"] != final for e in during)  # of an earlier global snapshot
+    # The steps rode on train messages, one a round: each camera spent exchange time in at least 3 rounds (its
+    # snapshot is published while the round of its last step is aggregated), and no reply was rejected for them.
+    trains = [e for e in events if e["kind"] == "train_result"]
+    assert all(c["ok"] for t in trains for c in t["data"]["clients"]), trains
+    for e in during:
+        rounds = [t["round"] for t in trains for c in t["data"]["clients"]
+                  if c["metrics"].get("partition") == int(e["data"]["camera"][3:]) and "exchange-seconds" in c["metrics"]]
+        assert len(rounds) >= 3, (e["data"]["camera"], rounds)
+    # After the rounds, the exchange by query messages makes each camera's snapshot of the last global one.
+    assert {e["data"]["camera"] for e in own if e["data"]["base"] == final and e["data"]["published"]} == {"cam00",
+                                                                                                           "cam01"}
+    registry = Registry(Path(cfg.run_dir) / "snapshots")
+    rows = registry.camera_rows()
+    assert all(sum(r["camera"] == cam for r in rows) >= 2 for cam in ("cam00", "cam01")), rows

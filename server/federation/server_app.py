@@ -29,6 +29,11 @@ def main(grid: Grid, context: Context) -> None:
         return secure(grid, context, cfg, run)
     strategy = make_strategy(cfg.fed, run.bus, cfg.seed, round_offset=run.done, personal=run.personal_keys())
     strategy.load_state_arrays(run.state)
+    if cfg.snapshot.per_camera and cfg.snapshot.every > 0:
+        from server.snapshots.rider import Rider, rides
+
+        if rides(cfg):  # every snapshot.every rounds, each camera's own snapshot too, its steps riding on the rounds
+            strategy.rider = Rider(cfg, run.snapshots, run.bus)
     run.start_event(strategy)
     stopped = ""
     try:
@@ -44,6 +49,9 @@ def main(grid: Grid, context: Context) -> None:
         run.snapshots.close()
         run.bus.emit("run_error", run.done, error=f"{type(err).__name__}: {err}")
         raise
+    finally:
+        if strategy.rider is not None:  # the step it is working on is finished; the rest is the exchange's below
+            strategy.rider.close()
     run.snapshots.finish(timeout=cfg.snapshot.timeout)  # snapshots were made beside the rounds: wait for the last
     if cfg.snapshot.enabled and cfg.snapshot.per_camera:
         per_camera(grid, cfg, run)

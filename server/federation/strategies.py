@@ -71,6 +71,7 @@ class FedcamMixin:
     personal: frozenset[str] = frozenset()  # keys the cameras keep (fed.personal): replies leave them out
     wire: ServerWire = ServerWire("none", "none", 0.1, 0)  # fed.compress: how models travel each way
     ledger: Ledger | None = None  # fed.dp: the privacy accountant (None: off)
+    rider = None  # per-camera snapshot steps on the train messages (server/snapshots/rider.py; None: off)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         rnd = server_round + self.round_offset
@@ -85,6 +86,8 @@ class FedcamMixin:
         full, delta, base = self.wire.downlink(arrays, rnd)
         self._reference = to_state_dict(unpack(full, self._layout))
         self.wire.address(messages, full, delta, base)
+        if self.rider is not None:
+            self.rider.attach(messages)
         self._bytes_down = {m.metadata.dst_node_id: message_bytes(m) for m in messages}  # as they travel
         self._sampled = [m.metadata.dst_node_id for m in messages]
         self._sent = messages  # the Grid gives each its message id in place when it pushes them
@@ -95,6 +98,8 @@ class FedcamMixin:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         rnd = server_round + self.round_offset
         replies = list(replies)
+        if self.rider is not None:  # its answers off the replies first: what is screened is the update alone
+            self.rider.collect(replies)
         good, outcomes = self._screen(replies)
         replied = {o.node_id for o in outcomes}
         # An error reply the SuperLink could not attribute stands for one sampled node we cannot name.

@@ -18,10 +18,11 @@ from server.federation.events import client_error
 from server.snapshots.export import export_onnx, inspect_optimized, pre_process, quantize
 from server.snapshots.pipeline import SnapshotResult, calibration_frames, latency_ms, within
 from server.snapshots.registry import Registry, check_camera_id, now_iso
+from shared import models
 from shared.arrays import UpdateError, layout_of, pack, to_record, to_state_dict, unpack
 from shared.config import Config
 from shared.snapshot.calibration import activation_ranges, from_lists
-from shared.snapshot.format import Manifest, sha256_file
+from shared.snapshot.format import MODEL_FILE, Manifest, sha256_file
 
 log = logging.getLogger("fedcam.server")
 
@@ -37,6 +38,7 @@ class Camera:
     reason: str = ""
     map50_fp32: float = 0.0
     map50_int8: float = 0.0
+    map50_global: float | None = None  # the global snapshot's on the camera's val split: its own must not be worse
     reply_bytes: int = 0  # what it sent: calibration statistics and personal parameters
     server_seconds: float = 0.0  # fold, export, quantize, gate and sign for this camera
 
@@ -77,97 +79,162 @@ def _graph(model, work: Path, cfg: Config, metadata: dict, frame) -> tuple[Path,
     return fp32, pre, set(activation_ranges(pre, frame))
 
 
+class Exchange:
+    """One global snapshot (`base`) made per camera, step by step: what each step needs from the camera, and the
+    server's work between steps. The query messages after the rounds (`camera_snapshots`) and the train messages
+    during them (rider.py) both drive it; every failure lands in the camera's `reason`, never raises."""
+
+    def __init__(self, cfg: Config, base: SnapshotResult, registry: Registry, work: Path):
+        self.cfg, self.base, self.registry, self.work = cfg, base, registry, work
+        self.student, self.frame = base.student, calibration_frames(cfg, 1)  # any frame: the camera's ranges rule
+        # Pruned after the rounds, the snapshot's structure is not the one the cameras trained: they are asked
+        # about the round's model, and a camera with a part of its own gets its snapshot in that structure. Cut to
+        # the pruned one (prune.replay), its part lost to the pruned global model on its own frames (README).
+        self.pruned_here = bool(base.prune_steps)
+        self.dense = models.load(base.manifest.parent_checkpoint) if self.pruned_here else self.student
+        self.layout = layout_of(to_record(self.dense))
+        self.graphs: dict = {}  # one graph for every camera without a personal part, one per camera with one
+        self.int8s: dict = {}
+        self.seen: dict = {}  # camera id -> node: one channel per camera
+        # What a camera runs without its own snapshot: scored beside its candidate, on its frames
+        self.global_int8 = (registry.folder() / base.manifest.version / MODEL_FILE).read_bytes()
+        work.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def asks_personal(self) -> bool:
+        return self.cfg.fed.personal != "none" or self.cfg.fed.runs_own_model
+
+    def personal_query(self) -> RecordDict:
+        names = [self.dense.names[i] for i in sorted(self.dense.names)]
+        config = ConfigRecord({"model-yaml": json.dumps(self.dense.yaml), "names": names,
+                               "personal": self.cfg.fed.personal, "keep-finetuned": self.cfg.fed.runs_own_model})
+        return RecordDict({"arrays": pack(to_record(self.dense)), "config": config})
+
+    def take_personal(self, cam: Camera, keys: list[str], arrays) -> None:
+        """Exactly the named tensors, each of the size the structure gives it (UpdateError otherwise)."""
+        try:
+            if unknown := set(keys) - {k for k, _, _ in self.layout}:
+                raise UpdateError(f"unknown tensors {sorted(unknown)[:3]}")
+            if keys:
+                cam.own = dict(to_state_dict(unpack(arrays, [item for item in self.layout if item[0] in keys])))
+        except UpdateError as err:
+            cam.reason = f"camera {cam.camera}: unusable personal part: {err}"
+        cam.reply_bytes += sum(v.numel() * v.element_size() for v in cam.own.values())
+
+    def graph(self, cam: Camera) -> bytes | None:
+        """The pre-processed fp32 graph the camera calibrates: the snapshot with its personal part folded in."""
+        t0, b = time.perf_counter(), self.base.manifest
+        try:
+            key = cam.node if cam.own else "global"
+            if key not in self.graphs:
+                model = _fold(self.dense, cam.own, cam.camera) if cam.own else self.student
+                meta = {"snapshot_version": b.version, "round": str(b.round), "camera": cam.camera if cam.own else ""}
+                self.graphs[key] = _graph(model, self.work / str(key), self.cfg, meta, self.frame)
+        except ValueError as err:
+            cam.reason = str(err)
+            return None
+        cam.server_seconds += time.perf_counter() - t0
+        return self.graphs[key][1].read_bytes()
+
+    def quantize(self, cam: Camera, stats, metrics) -> bytes | None:
+        """The int8 candidate, quantized with the camera's ranges."""
+        t0, (fp32, pre, expected) = time.perf_counter(), self.graphs[cam.node if cam.own else "global"]
+        cam.reply_bytes += len(json.dumps({k: list(v) for k, v in stats.items() if isinstance(v, list)}))
+        cam.map50_fp32 = float(metrics["map50-fp32"])
+        try:
+            check_camera_id(cam.camera)
+            if self.seen.setdefault(cam.camera, cam.node) != cam.node:
+                raise ValueError(f"camera id {cam.camera} is also node {self.seen[cam.camera]}'s: one channel per "
+                                 "camera")
+            ranges = from_lists(stats["tensors"], stats["low"], stats["high"], expected, f"camera {cam.camera}")
+        except ValueError as err:
+            cam.reason = str(err)
+            return None
+        work, s = self.work / f"node{cam.node}", self.cfg.snapshot
+        work.mkdir(exist_ok=True)
+        # The float layers of the global snapshot: chosen for this structure (precision.py), the same here
+        out = quantize(fp32, work / "model.onnx", self.frame, s.target, s.method,
+                       self.base.manifest.extra.get("float_layers", 0), ranges=ranges, pre=pre)
+        self.int8s[cam.node] = (out, inspect_optimized(out, work), int(metrics["frames"]), len(ranges), metrics)
+        cam.server_seconds += time.perf_counter() - t0
+        return out.read_bytes()
+
+    def publish(self, cam: Camera, metrics) -> None:
+        t0 = time.perf_counter()
+        unpruned = self.pruned_here and bool(cam.own)  # the round's structure (see __init__)
+        _gate_and_publish(cam, metrics, self.int8s[cam.node], self.base, self.cfg, self.registry, unpruned)
+        cam.server_seconds += time.perf_counter() - t0
+
+
+def report(cam: Camera, base: SnapshotResult, bus) -> None:
+    if cam.reason and not cam.published:
+        log.warning("camera %s (node %d) keeps the global snapshot: %s", cam.camera or "?", cam.node, cam.reason)
+    bus.emit("camera_snapshot", base.manifest.round, camera=cam.camera, node=cam.node, published=cam.published,
+             version=cam.version, reason=cam.reason, base=base.manifest.version, map50_fp32=cam.map50_fp32,
+             map50_int8=cam.map50_int8, map50_global=cam.map50_global, reply_bytes=cam.reply_bytes,
+             personal_tensors=len(cam.own),
+             server_seconds=cam.server_seconds)
+
+
 def camera_snapshots(grid, cfg: Config, base: SnapshotResult, registry: Registry, bus) -> list[Camera]:
-    """Every connected camera's own snapshot of the newest global one (`base`); returns each camera's outcome."""
-    s, b, timeout = cfg.snapshot, base.manifest, cfg.snapshot.camera_timeout
+    """Every connected camera's own snapshot of the newest global one (`base`), by query messages; returns each
+    camera's outcome."""
+    timeout = cfg.snapshot.camera_timeout
     cameras = [Camera(node) for node in sorted(grid.get_node_ids())]
-    student, frame = base.student, calibration_frames(cfg, 1)  # any one frame: the cameras' ranges replace its
-    names = [student.names[i] for i in sorted(student.names)]
-    if cfg.fed.personal != "none" or cfg.fed.runs_own_model:  # ask for the personal parts first
-        config = ConfigRecord({"model-yaml": json.dumps(student.yaml), "names": names, "personal": cfg.fed.personal,
-                               "keep-finetuned": cfg.fed.runs_own_model})
-        layout = layout_of(to_record(student))
-        ask = RecordDict({"arrays": pack(to_record(student)), "config": config})
-        for node, reply in _ask(grid, cameras, "query.personal", {c.node: ask for c in cameras}, timeout).items():
-            cam = next(c for c in cameras if c.node == node)
-            keys = set(reply.content["config"].get("keys", []))
-            try:  # exactly the named tensors, each of the size the structure gives it (UpdateError otherwise)
-                if unknown := keys - {k for k, _, _ in layout}:
-                    raise UpdateError(f"unknown tensors {sorted(unknown)[:3]}")
-                if keys:
-                    own = unpack(reply.content["arrays"], [item for item in layout if item[0] in keys])
-                    cam.own = dict(to_state_dict(own))
-            except UpdateError as err:
-                cam.reason = f"camera {cam.camera}: unusable personal part: {err}"
-            cam.reply_bytes += sum(v.numel() * v.element_size() for v in cam.own.values())
     with tempfile.TemporaryDirectory() as tmp:
-        graphs, content = {}, {}  # one graph for every camera without a personal part, one per camera with one
+        ex = Exchange(cfg, base, registry, Path(tmp))
+        if ex.asks_personal:  # ask for the personal parts first
+            ask = ex.personal_query()
+            for node, reply in _ask(grid, cameras, "query.personal", {c.node: ask for c in cameras}, timeout).items():
+                cam = next(c for c in cameras if c.node == node)
+                ex.take_personal(cam, list(reply.content["config"].get("keys", [])), reply.content["arrays"])
+        graphs = {c.node: ex.graph(c) for c in cameras if not c.reason}
+        content = {n: RecordDict({"config": ConfigRecord({"onnx": g})}) for n, g in graphs.items() if g is not None}
+        replies, int8s = _ask(grid, cameras, "query.calibrate", content, timeout), {}
         for c in (c for c in cameras if not c.reason):
-            t0, key = time.perf_counter(), (c.node if c.own else "global")
-            try:
-                if key not in graphs:
-                    model = _fold(student, c.own, c.camera) if c.own else student
-                    meta = {"snapshot_version": b.version, "round": str(b.round), "camera": c.camera if c.own else ""}
-                    graphs[key] = _graph(model, Path(tmp) / str(key), cfg, meta, frame)
-            except ValueError as err:
-                c.reason = str(err)
-                continue
-            c.server_seconds += time.perf_counter() - t0
-            content[c.node] = RecordDict({"config": ConfigRecord({"onnx": graphs[key][1].read_bytes()})})
-        replies = _ask(grid, cameras, "query.calibrate", content, timeout)
-        int8s, seen = {}, {}
-        for c in (c for c in cameras if not c.reason):
-            t0, (fp32, pre, expected) = time.perf_counter(), graphs[c.node if c.own else "global"]
-            stats, metrics = replies[c.node].content["calibration"], replies[c.node].content["metrics"]
-            c.reply_bytes += len(json.dumps({k: list(v) for k, v in stats.items() if isinstance(v, list)}))
-            c.map50_fp32 = float(metrics["map50-fp32"])
-            try:
-                check_camera_id(c.camera)
-                if seen.setdefault(c.camera, c.node) != c.node:
-                    raise ValueError(f"camera id {c.camera} is also node {seen[c.camera]}'s: one channel per camera")
-                ranges = from_lists(stats["tensors"], stats["low"], stats["high"], expected, f"camera {c.camera}")
-            except ValueError as err:
-                c.reason = str(err)
-                continue
-            work = Path(tmp) / f"node{c.node}"
-            work.mkdir()
-            # The float layers of the global snapshot: chosen for this structure (precision.py), the same here
-            out = quantize(fp32, work / "model.onnx", frame, s.target, s.method,
-                           b.extra.get("float_layers", 0), ranges=ranges, pre=pre)
-            int8s[c.node] = (out, inspect_optimized(out, work), int(metrics["frames"]), len(ranges), metrics)
-            c.server_seconds += time.perf_counter() - t0
-        score = {n: RecordDict({"config": ConfigRecord({"onnx": v[0].read_bytes()})}) for n, v in int8s.items()}
+            int8s[c.node] = ex.quantize(c, replies[c.node].content["calibration"], replies[c.node].content["metrics"])
+        score = {n: RecordDict({"config": ConfigRecord({"onnx": v, "global": ex.global_int8})})
+                 for n, v in int8s.items() if v is not None}
         replies = _ask(grid, cameras, "query.score", score, timeout)
         for c in (c for c in cameras if not c.reason):
-            t0 = time.perf_counter()
-            _gate_and_publish(c, replies[c.node].content["metrics"], int8s[c.node], base, cfg, registry)
-            c.server_seconds += time.perf_counter() - t0
+            ex.publish(c, replies[c.node].content["metrics"])
     for c in cameras:
-        if c.reason and not c.published:
-            log.warning("camera %s (node %d) keeps the global snapshot: %s", c.camera or "?", c.node, c.reason)
-        bus.emit("camera_snapshot", b.round, camera=c.camera, node=c.node, published=c.published, version=c.version,
-                 reason=c.reason, base=b.version, map50_fp32=c.map50_fp32, map50_int8=c.map50_int8,
-                 reply_bytes=c.reply_bytes, personal_tensors=len(c.own), server_seconds=c.server_seconds)
+        report(c, base, bus)
     return cameras
 
 
-def _gate_and_publish(c: Camera, metrics, int8, base: SnapshotResult, cfg: Config, registry: Registry) -> None:
-    """Gate on the camera's own figures (int8 against its fp32 score, snapshot.tolerance), then sign and publish."""
+def _gate_and_publish(c: Camera, metrics, int8, base: SnapshotResult, cfg: Config, registry: Registry,
+                      unpruned: bool = False) -> None:
+    """Gate on the camera's own figures (int8 against its fp32 score, snapshot.tolerance; not below the global
+    snapshot on its frames), then sign and publish. `unpruned`: in the round's structure, not the snapshot's."""
     path, graph, frames, tensors, calib = int8
     c.map50_int8 = float(metrics["map50-int8"])
     b, drop = base.manifest, c.map50_fp32 - c.map50_int8
     extra = {**b.extra, "camera": c.camera, "base_snapshot": b.version, "personal_tensors": len(c.own),
              "calibration": {"source": f"camera {c.camera}", "frames": frames, "tensors": tensors},
              "int8_convs": graph.int8_convs, "float_convs": graph.float_convs, "rejected_candidates": []}
+    if unpruned:
+        extra.update(prune_ratio=0.0, structure="the round's model, unpruned: a camera's part does not survive "
+                                                "pruning after the rounds")
     manifest = Manifest(version=registry.next_version(c.camera), round=b.round, target=b.target,
                         sha256=sha256_file(path), size=path.stat().st_size, imgsz=b.imgsz, names=b.names,
                         map50_fp32=c.map50_fp32, map50_int8=c.map50_int8, map_fp32=float(calib["map-fp32"]),
                         map_int8=float(metrics["map-int8"]), latency_ms=latency_ms(path, b.imgsz),
                         created=now_iso(), parent_checkpoint=b.parent_checkpoint, nms=b.nms, extra=extra)
     c.version = manifest.version
+    if "map50-global" in metrics:
+        c.map50_global = float(metrics["map50-global"])
     if not within(c.map50_int8, c.map50_fp32, cfg.snapshot.tolerance):
         c.reason = (f"mAP50 {c.map50_int8:.3f} int8 vs {c.map50_fp32:.3f} fp32 on camera {c.camera}, drop {drop:.3f} "
                     f"> tolerance {cfg.snapshot.tolerance:.0%} of fp32")
+    elif c.map50_global is not None and c.map50_int8 < c.map50_global:
+        c.reason = (f"mAP50 {c.map50_int8:.3f} of its own snapshot vs {c.map50_global:.3f} of the global one on "
+                    f"camera {c.camera}: it keeps the global one")
+    elif unpruned and cfg.snapshot.latency_budget_ms > 0 and cfg.snapshot.latency_target == "host" and (
+            manifest.latency_ms > cfg.snapshot.latency_budget_ms):
+        c.reason = (f"{manifest.latency_ms:.1f} ms a frame unpruned, over snapshot.latency-budget-ms "
+                    f"{cfg.snapshot.latency_budget_ms:g}: camera {c.camera} keeps the global snapshot")
+    if c.reason:
         registry.reject(manifest, c.reason, c.camera)
         return
     registry.publish(manifest, path, c.camera)
