@@ -286,3 +286,12 @@ def test_camera_snapshots_ride_on_the_rounds_every_snapshot_every(tiny_cfg, tiny
     registry = Registry(Path(cfg.run_dir) / "snapshots")
     rows = registry.camera_rows()
     assert all(sum(r["camera"] == cam for r in rows) >= 2 for cam in ("cam00", "cam01")), rows
+
+
+def test_a_refused_candidate_is_tried_once_more_with_its_worst_int8_layers_float():
+    from server.snapshots.cameras import more_float
+
+    precision = {"layers": [{"index": i, "error": e} for i, e in enumerate([0.02, 0.05, 0.01, 0.04, 0.03])]}
+    assert more_float([0, 2], precision, 2) == [0, 1, 2, 3]  # the two largest errors among the int8 layers
+    assert more_float(1, precision, 1) == [0, 1]  # "the first N" counts as those N
+    assert more_float([0, 1, 2, 3, 4], precision, 3) is None and more_float(2, {}, 3) is None  # nothing left to add

@@ -39,6 +39,8 @@ class Camera:
     map50_fp32: float = 0.0
     map50_int8: float = 0.0
     map50_global: float | None = None  # the global snapshot's on the camera's val split: its own must not be worse
+    refused: str = ""  # why the gate refused its candidate: int8 (loss against fp32) | global | latency
+    retried: bool = False  # refused for its int8 loss once, then made again with more layers float
     reply_bytes: int = 0  # what it sent: calibration statistics and personal parameters
     server_seconds: float = 0.0  # fold, export, quantize, gate and sign for this camera
 
@@ -58,6 +60,17 @@ def _ask(grid, cameras: list[Camera], kind: str, content: dict[int, RecordDict],
         elif reply.content.config_records:
             c.camera = str(next(iter(reply.content.config_records.values())).get("camera-id", c.camera))
     return {n: m for n, m in replies.items() if not m.has_error()}
+
+
+RETRY_FLOAT = 3  # int8 layers a refused candidate keeps float in its second try
+
+
+def more_float(layers, precision: dict, extra: int) -> list[int] | None:
+    """`layers` (the first N, or a list) plus the `extra` int8 layers of largest measured error (precision.py's
+    record); None when there is no record to choose from."""
+    base = list(range(layers)) if isinstance(layers, int) else list(layers)
+    ranked = sorted((x for x in precision.get("layers", []) if x["index"] not in base), key=lambda x: -x["error"])
+    return sorted(base + [x["index"] for x in ranked[:extra]]) if ranked else None
 
 
 def _fold(student, own: dict[str, torch.Tensor], camera: str):
@@ -95,6 +108,7 @@ class Exchange:
         self.layout = layout_of(to_record(self.dense))
         self.graphs: dict = {}  # one graph for every camera without a personal part, one per camera with one
         self.int8s: dict = {}
+        self.ranges: dict = {}  # node -> the camera's activation ranges
         self.seen: dict = {}  # camera id -> node: one channel per camera
         # What a camera runs without its own snapshot: scored beside its candidate, on its frames
         self.global_int8 = (registry.folder() / base.manifest.version / MODEL_FILE).read_bytes()
@@ -150,13 +164,32 @@ class Exchange:
         except ValueError as err:
             cam.reason = str(err)
             return None
-        work, s = self.work / f"node{cam.node}", self.cfg.snapshot
-        work.mkdir(exist_ok=True)
+        self.ranges[cam.node] = ranges
         # The float layers of the global snapshot: chosen for this structure (precision.py), the same here
-        out = quantize(fp32, work / "model.onnx", self.frame, s.target, s.method,
-                       self.base.manifest.extra.get("float_layers", 0), ranges=ranges, pre=pre)
-        self.int8s[cam.node] = (out, inspect_optimized(out, work), int(metrics["frames"]), len(ranges), metrics)
+        out = self._quantize(cam, self.base.manifest.extra.get("float_layers", 0), metrics, "model.onnx")
         cam.server_seconds += time.perf_counter() - t0
+        return out
+
+    def retry(self, cam: Camera) -> bytes | None:
+        """A candidate refused once for its int8 loss: made again with the RETRY_FLOAT int8 layers of largest
+        measured error (the global snapshot's precision record) kept float too, for the camera to score again."""
+        extra = self.base.manifest.extra
+        more = more_float(extra.get("float_layers", 0), extra.get("precision", {}), RETRY_FLOAT)
+        if cam.refused != "int8" or cam.retried or more is None:
+            return None
+        t0, cam.retried, cam.refused, cam.reason = time.perf_counter(), True, "", ""
+        out = self._quantize(cam, more, self.int8s[cam.node][4], "retry.onnx")
+        cam.server_seconds += time.perf_counter() - t0
+        return out
+
+    def _quantize(self, cam: Camera, layers, calib_metrics, name: str) -> bytes:
+        (fp32, pre, _), s = self.graphs[cam.node if cam.own else "global"], self.cfg.snapshot
+        work = self.work / f"node{cam.node}"
+        work.mkdir(exist_ok=True)
+        out = quantize(fp32, work / name, self.frame, s.target, s.method, layers, ranges=self.ranges[cam.node],
+                       pre=pre)
+        self.int8s[cam.node] = (out, inspect_optimized(out, work), int(calib_metrics["frames"]),
+                                len(self.ranges[cam.node]), calib_metrics)
         return out.read_bytes()
 
     def publish(self, cam: Camera, metrics) -> None:
@@ -198,6 +231,13 @@ def camera_snapshots(grid, cfg: Config, base: SnapshotResult, registry: Registry
         replies = _ask(grid, cameras, "query.score", score, timeout)
         for c in (c for c in cameras if not c.reason):
             ex.publish(c, replies[c.node].content["metrics"])
+        again = {c.node: ex.retry(c) for c in cameras if c.refused == "int8"}  # one more try, more layers float
+        if again := {n: v for n, v in again.items() if v is not None}:
+            score = {n: RecordDict({"config": ConfigRecord({"onnx": v, "global": ex.global_int8})})
+                     for n, v in again.items()}
+            replies = _ask(grid, [c for c in cameras if c.node in again], "query.score", score, timeout)
+            for c in (c for c in cameras if c.node in again and not c.reason):
+                ex.publish(c, replies[c.node].content["metrics"])
     for c in cameras:
         report(c, base, bus)
     return cameras
@@ -225,13 +265,16 @@ def _gate_and_publish(c: Camera, metrics, int8, base: SnapshotResult, cfg: Confi
     if "map50-global" in metrics:
         c.map50_global = float(metrics["map50-global"])
     if not within(c.map50_int8, c.map50_fp32, cfg.snapshot.tolerance):
+        c.refused = "int8"
         c.reason = (f"mAP50 {c.map50_int8:.3f} int8 vs {c.map50_fp32:.3f} fp32 on camera {c.camera}, drop {drop:.3f} "
                     f"> tolerance {cfg.snapshot.tolerance:.0%} of fp32")
     elif c.map50_global is not None and c.map50_int8 < c.map50_global:
+        c.refused = "global"
         c.reason = (f"mAP50 {c.map50_int8:.3f} of its own snapshot vs {c.map50_global:.3f} of the global one on "
                     f"camera {c.camera}: it keeps the global one")
     elif unpruned and cfg.snapshot.latency_budget_ms > 0 and cfg.snapshot.latency_target == "host" and (
             manifest.latency_ms > cfg.snapshot.latency_budget_ms):
+        c.refused = "latency"
         c.reason = (f"{manifest.latency_ms:.1f} ms a frame unpruned, over snapshot.latency-budget-ms "
                     f"{cfg.snapshot.latency_budget_ms:g}: camera {c.camera} keeps the global snapshot")
     if c.reason:

@@ -146,11 +146,12 @@ class Rider:
                 payload, nxt = ex.quantize(cam, stats, metrics), "score"
             else:
                 ex.publish(cam, metrics)
+                payload = ex.retry(cam)  # refused for its int8 loss: once more, with more layers float
         except Exception as err:  # noqa: BLE001 - this camera keeps the global snapshot; the rest go on
             log.exception("per-camera exchange step %s of node %d failed", step, cam.node)
             cam.reason = f"{step}: {type(err).__name__}: {err}"
         with self.lock:
-            if cam.reason or (step == "score" and answer is not None):
+            if cam.reason or (step == "score" and answer is not None and payload is None):
                 report(cam, ride.base, self.bus)
                 self.done[cam.node] = ride.base.manifest.version
                 self.rides.pop(cam.node, None)
