@@ -250,23 +250,27 @@ def test_cameras_that_do_not_answer_in_time_keep_the_global_snapshot(tiny_cfg, t
 
 @pytest.mark.slow
 def test_camera_snapshots_ride_on_the_rounds_every_snapshot_every(tiny_cfg, tiny_world, tmp_path):
-    """snapshot.every = 1 with per-camera snapshots: the exchange's steps ride on later rounds' train messages (one
+    """snapshot.every = 4 with per-camera snapshots: the exchange's steps ride on later rounds' train messages (one
     step per round, personal -> calibrate -> score), so each camera's own snapshot of an earlier global one is
-    published while the rounds go on, and the exchange after the rounds still makes one of the last global one."""
+    published while the rounds go on, and the exchange after the rounds still makes one of the last global one.
+    Counted in rounds, not seconds: the first global snapshot (of round 4) is published about two rounds later, and
+    the three steps then took 4-6 rounds here (a step waits for the server's 1-3 s of work, tiny rounds take 1-4
+    s): 20 rounds leave room for twice that."""
     from server.federation.events import read_events
     from server.local import simulation
     from server.snapshots.registry import Registry
     from shared.run_dir import RunDir
 
-    cfg = sim_cfg(tiny_cfg, tiny_world, tmp_path / "run", **{"fed.rounds": 7, "fed.personal": "bn",
+    rounds = 20
+    cfg = sim_cfg(tiny_cfg, tiny_world, tmp_path / "run", **{"fed.rounds": rounds, "fed.personal": "bn",
                                                              "fed.freeze-bn": False, "snapshot.per-camera": True,
-                                                             "snapshot.every": 1, "snapshot.prune-ratio": 0.0,
+                                                             "snapshot.every": 4, "snapshot.prune-ratio": 0.0,
                                                              "snapshot.tolerance": 1.0})
     run = RunDir(cfg.run_dir)
     assert simulation.launch(cfg, 2, timeout=900) == 0, run.log.read_text()[-3000:]
     events = read_events(run.events)
-    last_round_end = max(e["time"] for e in events if e["kind"] == "round_end" and e["round"] == 7)
-    final = [e for e in events if e["kind"] == "snapshot" and e["round"] == 7][0]["data"]["version"]
+    last_round_end = max(e["time"] for e in events if e["kind"] == "round_end" and e["round"] == rounds)
+    final = [e for e in events if e["kind"] == "snapshot" and e["round"] == rounds][0]["data"]["version"]
     own = [e for e in events if e["kind"] == "camera_snapshot"]
     during = [e for e in own if e["time"] < last_round_end]
     assert {e["data"]["camera"] for e in during} == {"cam00", "cam01"}, own
@@ -277,9 +281,9 @@ def test_camera_snapshots_ride_on_the_rounds_every_snapshot_every(tiny_cfg, tiny
     trains = [e for e in events if e["kind"] == "train_result"]
     assert all(c["ok"] for t in trains for c in t["data"]["clients"]), trains
     for e in during:
-        rounds = [t["round"] for t in trains for c in t["data"]["clients"]
+        carried = [t["round"] for t in trains for c in t["data"]["clients"]
                   if c["metrics"].get("partition") == int(e["data"]["camera"][3:]) and "exchange-seconds" in c["metrics"]]
-        assert len(rounds) >= 3, (e["data"]["camera"], rounds)
+        assert len(carried) >= 3, (e["data"]["camera"], carried)
     # After the rounds, the exchange by query messages makes each camera's snapshot of the last global one.
     assert {e["data"]["camera"] for e in own if e["data"]["base"] == final and e["data"]["published"]} == {"cam00",
                                                                                                            "cam01"}
