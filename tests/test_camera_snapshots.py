@@ -299,3 +299,39 @@ def test_a_refused_candidate_is_tried_once_more_with_its_worst_int8_layers_float
     assert more_float([0, 2], precision, 2) == [0, 1, 2, 3]  # the two largest errors among the int8 layers
     assert more_float(1, precision, 1) == [0, 1]  # "the first N" counts as those N
     assert more_float([0, 1, 2, 3, 4], precision, 3) is None and more_float(2, {}, 3) is None  # nothing left to add
+
+
+def test_a_candidate_refused_for_its_int8_loss_is_made_again_once_with_more_layers_float(camera_run, tiny_student,
+                                                                                         tmp_path):
+    """The exchange's own steps on the server (no camera): the candidate from a camera's ranges, refused for its
+    int8 loss, comes back once with the 3 int8 layers of largest recorded error float as well; never twice."""
+    import shutil
+
+    from server.snapshots.cameras import Camera, Exchange
+    from server.snapshots.pipeline import SnapshotResult, registry_for
+    from shared.snapshot.format import Manifest
+
+    cfg, _, _ = camera_run
+    shutil.copytree(Path(cfg.run_dir) / "snapshots", tmp_path / "snapshots")
+    cfg = cfg.replace(**{"snapshot.dir": str(tmp_path / "snapshots"), "snapshot.tolerance": 0.02})
+    registry = registry_for(cfg)
+    manifest = Manifest.from_bytes((registry.folder() / "v0001" / "manifest.json").read_bytes())
+    layers = [{"index": i, "error": 0.01 * (i % 7)} for i in range(20)]  # as precision.py records them
+    manifest.extra.update(float_layers=[0], precision={"layers": layers})
+    ex = Exchange(cfg, SnapshotResult(manifest, True, "", 0, 0, 0, 0, tiny_student), registry, tmp_path / "work")
+    cam = Camera(3, "cam03")
+    graph = tmp_path / "pre.onnx"
+    graph.write_bytes(ex.graph(cam))
+    stats = to_lists(activation_ranges(graph, calibration.frames(Path(cfg.data.root) / "cam00" / "data.yaml", cfg, 4)))
+    first = ex.quantize(cam, stats, {"map50-fp32": 0.5, "frames": 4, "map-fp32": 0.3})
+    assert first is not None and not cam.reason, cam.reason
+    float_before = ex.int8s[cam.node][1].float_convs
+    ex.publish(cam, {"map50-int8": 0.3, "map-int8": 0.2})  # 40 % lost: refused
+    assert cam.refused == "int8" and not cam.published
+    again = ex.retry(cam)
+    assert again is not None and again != first and not cam.reason and cam.retried
+    assert ex.int8s[cam.node][1].float_convs > float_before  # 3 more modules float: their convs
+    ex.publish(cam, {"map50-int8": 0.49, "map-int8": 0.3})
+    assert cam.published and registry.latest("cam03")["version"] == "v0002"  # v0001: the refused one, on record
+    cam.refused = "int8"
+    assert ex.retry(cam) is None  # one more try, not more
