@@ -110,13 +110,13 @@ class SnapshotHook:
 
     def _result(self, result: SnapshotResult, student) -> dict:
         if result.published:
-            self.last = result
             if student is not None:  # the fp32 structure every per-camera snapshot starts from
                 from shared import models
 
                 yaml, names, weights = student
                 result.student = models.build(yaml, names)
                 result.student.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+            self.last = result  # only now: the rounds' per-camera exchanges (rider.py) read it from another thread
         m = result.manifest
         return dict(version=m.version, published=result.published, reason=result.reason, map50_fp32=m.map50_fp32,
                     map50_int8=m.map50_int8, size=m.size, latency_ms=m.latency_ms, int8_convs=result.int8_convs,
