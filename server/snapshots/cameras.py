@@ -103,7 +103,7 @@ class Exchange:
         # Pruned after the rounds, the snapshot's structure is not the one the cameras trained: they are asked
         # about the round's model, and a camera with a part of its own gets its snapshot in that structure. Cut to
         # the pruned one (prune.replay), its part lost to the pruned global model on its own frames (README).
-        self.pruned_here = bool(base.prune_steps)
+        self.pruned_here = float(base.manifest.extra.get("prune_ratio", 0.0)) > 0  # by the search or a fixed ratio
         self.dense = models.load(base.manifest.parent_checkpoint) if self.pruned_here else self.student
         self.layout = layout_of(to_record(self.dense))
         self.graphs: dict = {}  # one graph for every camera without a personal part, one per camera with one

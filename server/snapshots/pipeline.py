@@ -7,7 +7,7 @@ import itertools
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,9 +45,7 @@ class SnapshotResult:
     float_convs: int
     params_dense: int  # of the architecture before any pruning
     params_pruned: int  # of the snapshot
-    student: object = None  # the fp32 model the snapshot was quantized from (its structure is every camera's)
-    # How the snapshot pruned the round's model (prune.replay); empty: not pruned after the rounds
-    prune_steps: list = field(default_factory=list)
+    student: object = None  # the fp32 model the snapshot was quantized from (the structure of per-camera snapshots)
 
 
 def registry_for(cfg: Config) -> Registry:
@@ -143,9 +141,8 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
     reason = "; ".join(failed)
     if published and failed and cand.ratio == 0.0 and s.ratio:  # what the dashboard shows next to "published"
         reason = f"fell back to unpruned; {reason}"
-    steps = getattr(cand.model, "prune_steps", [])[len(getattr(dense, "prune_steps", [])):]  # the search's own
     return SnapshotResult(manifest, published, reason, cand.graph.int8_convs, cand.graph.float_convs,
-                          params_unpruned, cand.params, cand.model, steps)
+                          params_unpruned, cand.params, cand.model)
 
 
 def unpruned_params(model) -> int:
