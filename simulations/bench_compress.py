@@ -75,27 +75,33 @@ def main() -> None:
 
 
 def snapshot_bytes(run: Path, rounds: int, sets: list[str]) -> None:
-    """Two snapshots of consecutive rounds of one structure (no post-round pruning): bytes of the int8 ONNX, of it
-    gzipped, and of the delta a device that runs the first downloads for the second."""
+    """Two snapshots of consecutive rounds of one structure (no post-round pruning), and two weight-shared ones of the
+    last: bytes of the int8 ONNX, of it gzipped, of the delta a device that runs the first downloads for the second,
+    and of the packed weight-shared forms."""
     from shared.snapshot.format import MODEL_FILE, Manifest
 
     registry = run / "bench_snapshots"
     flat = ["--set", f"snapshot.dir={registry}", "--set", "snapshot.prune-ratio=0", "--set", "snapshot.tolerance=1",
             *[x for s in sets for x in ("--set", s)]]
-    # rounds N-1 and N plain (the second carries the delta from the first), then round N weight-shared
-    for rnd, more in ((rounds - 1, []), (rounds, []), (rounds, ["--set", f"snapshot.cluster={CLUSTER}"])):
+    # rounds N-1 and N plain (the second carries the delta from the first), then round N weight-shared, with
+    # codebooks per output channel (the default) and per layer
+    shared = [f"snapshot.cluster={CLUSTER}"]
+    arms = ((rounds - 1, "plain", []), (rounds, "plain", []), (rounds, "shared per channel", shared),
+            (rounds, "shared per layer", [*shared, "snapshot.cluster-per=layer"]))
+    for rnd, _, more in arms:
         subprocess.run([sys.executable, "-m", "server.cli", "snapshot", "--checkpoint",
                         str(RunDir(run).checkpoints / f"global_r{rnd:04d}.pt"), "--run", str(run), "--round", str(rnd),
-                        *flat, *more], check=True, stdout=subprocess.DEVNULL)
-    folders = sorted(p for p in (registry / "global").iterdir() if p.name.startswith("v"))[-3:]
-    print(f"\nsnapshots of rounds {rounds - 1}, {rounds} and {rounds} with {CLUSTER} shared values per conv "
-          f"({run.name} arm): bytes a device downloads")
-    for folder in folders:
+                        *flat, *[x for s in more for x in ("--set", s)]], check=True, stdout=subprocess.DEVNULL)
+    folders = sorted(p for p in (registry / "global").iterdir() if p.name.startswith("v"))[-len(arms):]
+    print(f"\nsnapshots of rounds {rounds - 1} and {rounds}, and of round {rounds} with {CLUSTER} shared values per "
+          f"conv ({run.name} arm): bytes a device downloads")
+    for folder, (rnd, label, _) in zip(folders, arms):
         m = Manifest.from_bytes((folder / "manifest.json").read_bytes())
         model = (folder / MODEL_FILE).read_bytes()
         delta, packed = m.extra.get("delta"), m.extra.get("packed")
-        print(f"  {m.version}: int8 ONNX {len(model) / 1024:.0f} KB, gzip -9 {len(gzip.compress(model, 9)) / 1024:.0f}"
-              f" KB, delta from {delta['from'] + ' ' + format(delta['size'] / 1024, '.0f') + ' KB' if delta else '-'},"
+        delta = f"{delta['from']} {delta['size'] / 1024:.0f} KB" if delta else "-"
+        print(f"  {m.version} (round {rnd}, {label}): int8 ONNX {len(model) / 1024:.0f} KB, "
+              f"gzip -9 {len(gzip.compress(model, 9)) / 1024:.0f} KB, delta from {delta},"
               f" packed {format(packed['size'] / 1024, '.0f') + ' KB' if packed else '-'};"
               f" mAP50 int8 {m.map50_int8:.3f} (fp32 {m.map50_fp32:.3f})")
 
