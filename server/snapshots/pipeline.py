@@ -96,6 +96,9 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
     version, frames = registry.next_version(), calibration_frames(cfg)
     params_unpruned = unpruned_params(dense)
     metadata = {"snapshot_version": version, "round": str(rnd)}
+    before = registry.latest_manifest()  # float layers it kept stay float where latency cannot tell (precision.py)
+    previous_float = before.extra.get("float_layers", []) if before is not None and before.target == s.target else []
+    previous_float = list(range(previous_float)) if isinstance(previous_float, int) else previous_float  # first N
     with tempfile.TemporaryDirectory() as tmp:
         def score(cand: search.Candidate):
             say(f"prune {cand.ratio:.0%}: scoring the int8 candidate", 0, 1)
@@ -103,7 +106,8 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
                             loader(), names)
 
         def build(model, ratio: float, epochs: int, **kw) -> search.Candidate:
-            return search.candidate(model, ratio, epochs, cfg, frames, Path(tmp), metadata, say, dense, **kw)
+            return search.candidate(model, ratio, epochs, cfg, frames, Path(tmp), metadata, say, dense,
+                                    previous_float=previous_float, **kw)
 
         out = search.run(dense, cfg, ref.map50, score, build, lambda path: latency_ms(path, imgsz), say)
         cand, got = (out.best, out.best_score) if out.best is not None else (out.last, out.last_score)

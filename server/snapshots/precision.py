@@ -6,7 +6,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -78,8 +78,16 @@ def paired_ms(a: Path, b: Path, x: np.ndarray, runs: int = PAIRED_RUNS) -> tuple
     return float(np.median(ta)) * 1000, float(np.median(diff)) * 1000
 
 
+def faster_in_float(delta_ms: float, model_ms: float, was_float: bool) -> bool:
+    """The latency verdict with hysteresis: a new float layer must save MIN_GAIN of the model's time; one that was
+    float before stays unless it costs MIN_GAIN (between the two the measurement cannot tell). Why: the float layers
+    flipped between rounds on ±0.04 ms of noise, and a delta download then carried a new layout (355 KB, not ~100)."""
+    return delta_ms < (MIN_GAIN if was_float else -MIN_GAIN) * model_ms
+
+
 def choose(fp32: Path, frames: np.ndarray, target: str, work: Path, budget: float,
-           say: Callable[[int, int], None] | None = None, core: str | None = None) -> Precision:
+           say: Callable[[int, int], None] | None = None, core: str | None = None,
+           previous: Sequence[int] = ()) -> Precision:
     """1. each layer's int8 error: the model with that layer alone in int8 against the float model's output;
     2. latency, greedily in graph order: a layer stays float when the model with it float (next to the float
        layers already chosen) is measurably faster, as onnxruntime's int8 kernels are at full resolution on few
@@ -88,7 +96,8 @@ def choose(fp32: Path, frames: np.ndarray, target: str, work: Path, budget: floa
        float while the time they add is within `budget` of the all-int8 model's.
     Activations are calibrated once (`frames`); every variant is quantized from those ranges.
     `core` (an ARM core of costmodel): latencies from the cost model instead of this machine's kernels, which are
-    not the camera's (the arm64 target)."""
+    not the camera's (the arm64 target). `previous`: the float layers of the channel's previous snapshot, kept
+    where step 2 cannot tell (faster_in_float)."""
     t_start, say = time.perf_counter(), say or (lambda done, total: None)
     work = work / "precision"  # its own folder: every variant in it is deleted at the end
     work.mkdir(parents=True, exist_ok=True)
@@ -124,8 +133,9 @@ def choose(fp32: Path, frames: np.ndarray, target: str, work: Path, budget: floa
             trial = variant(f"trial{i}", sorted(chosen + [i]))
             base_ms, delta = paired_ms(current, trial, x)
         layer = Layer(i, err, delta)
-        if delta < -MIN_GAIN * base_ms:
-            layer.float, layer.why = True, f"faster in float ({delta:+.3f} ms{' on ' + core if core else ''})"
+        if faster_in_float(delta, base_ms, i in previous):
+            verdict = "faster in float" if delta < -MIN_GAIN * base_ms else "float in the previous snapshot (noise)"
+            layer.float, layer.why = True, f"{verdict} ({delta:+.3f} ms{' on ' + core if core else ''})"
             chosen.append(i)
             if trial is not None:
                 current.unlink()

@@ -159,6 +159,12 @@ class Registry:
     def latest(self, camera: str | None = None) -> dict | None:
         return self.latest_in(self.folder(camera))
 
+    def latest_manifest(self, camera: str | None = None) -> Manifest | None:
+        """The manifest of the channel's current version (as the server wrote it; devices verify theirs)."""
+        pointer = self.latest(camera)
+        path = self.folder(camera) / pointer["version"] / MANIFEST_FILE if pointer else None
+        return Manifest.from_bytes(path.read_bytes()) if path is not None and path.is_file() else None
+
     @staticmethod
     def latest_in(root: Path) -> dict | None:
         p = root / LATEST

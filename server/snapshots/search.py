@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -147,9 +147,10 @@ def run(dense, cfg: Config, ref: float, score: Score, build: Build, latency: Cal
 
 def candidate(model, ratio: float, epochs: int, cfg: Config, frames: np.ndarray, work: Path, metadata: dict,
               progress: Callable[[str, int, int], None], dense, step: float | None = None,
-              deadline: float | None = None) -> Candidate:
+              deadline: float | None = None, previous_float: Sequence[int] = ()) -> Candidate:
     """1. prune `model` by `step` (default `ratio`) and recover it `epochs` from `dense`, 2. export, 3. choose the
-    float layers (float-layers auto) and quantize, and check what onnxruntime really runs."""
+    float layers (float-layers auto; `previous_float`: the channel's previous snapshot's) and quantize, and check
+    what onnxruntime really runs."""
     from server.snapshots.pipeline import pruned_student
 
     s, cut = cfg.snapshot, ratio if step is None else step
@@ -179,7 +180,7 @@ def candidate(model, ratio: float, epochs: int, cfg: Config, frames: np.ndarray,
         core = (s.latency_target if s.latency_target != "host" else "cortex-a53") if s.target == "arm64" else None
         mixed = precision.choose(fp32, frames, s.target, work, s.float_budget,
                                  lambda done, total: progress(f"prune {ratio:.0%}: choosing float layers", done, total),
-                                 core)
+                                 core, previous_float)
         layers, chosen = mixed.float_layers, mixed.as_dict()
     progress(f"prune {ratio:.0%}: int8 quantization", 0, 1)
     int8 = quantize(fp32, work / "model.onnx", frames, s.target, s.method, layers)
