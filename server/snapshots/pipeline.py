@@ -82,6 +82,14 @@ def privacy_of(checkpoint: str) -> dict:
     return dict(meta.get("privacy", {}) or {})
 
 
+def held_float_layers(registry: Registry, target: str) -> list[int]:
+    """The float layers of the channel's current snapshot for `target` (an int in the manifest: the first N), which
+    the next one keeps while float is no slower (precision.faster_in_float)."""
+    before = registry.latest_manifest()
+    layers = before.extra.get("float_layers", []) if before is not None and before.target == target else []
+    return list(range(layers)) if isinstance(layers, int) else list(layers)
+
+
 def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
                   progress: StageProgress | None = None) -> SnapshotResult:
     """Search the compression under the gate (search.py): the fastest candidate whose int8 mAP50 keeps all but
@@ -96,9 +104,7 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
     version, frames = registry.next_version(), calibration_frames(cfg)
     params_unpruned = unpruned_params(dense)
     metadata = {"snapshot_version": version, "round": str(rnd)}
-    before = registry.latest_manifest()  # float layers it kept stay float where latency cannot tell (precision.py)
-    previous_float = before.extra.get("float_layers", []) if before is not None and before.target == s.target else []
-    previous_float = list(range(previous_float)) if isinstance(previous_float, int) else previous_float  # first N
+    previous_float = held_float_layers(registry, s.target)
     with tempfile.TemporaryDirectory() as tmp:
         def score(cand: search.Candidate):
             say(f"prune {cand.ratio:.0%}: scoring the int8 candidate", 0, 1)

@@ -87,7 +87,7 @@ def paired_ms(a: Path, b: Path, x: np.ndarray, runs: int = PAIRED_RUNS) -> tuple
 def faster_in_float(delta_ms: float, model_ms: float, was_float: bool) -> bool:
     """The latency verdict, with a preference for what the devices hold: a new float layer must save MIN_GAIN of the
     model's time; one float in the previous snapshot stays while float is no slower. Why: the float layers flipped
-    between rounds on ±0.04 ms of noise, and the delta download then carried a new layout (355 KB, not ~100); a
+    between rounds on ±0.04 ms of noise, and the delta download then carried a new layout (295-527 KB, not 59-113); a
     layer that was float by chance still drops out once it measures slower."""
     return delta_ms <= 0 if was_float else delta_ms < -MIN_GAIN * model_ms
 
