@@ -108,6 +108,7 @@ class SnapshotConfig:
     key_path: str
     cluster: int
     cluster_per: str
+    cluster_fit: str
     cluster_epochs: int
 
     def __post_init__(self) -> None:
@@ -115,6 +116,8 @@ class SnapshotConfig:
             raise ValueError(f"config key 'snapshot.cluster': {self.cluster} is neither 0 (off) nor 2..256 values")
         if self.cluster_per not in ("channel", "layer"):
             raise ValueError(f"config key 'snapshot.cluster-per': '{self.cluster_per}' is neither channel nor layer")
+        if self.cluster_fit not in ("outputs", "weights"):
+            raise ValueError(f"config key 'snapshot.cluster-fit': '{self.cluster_fit}' is neither outputs nor weights")
         if self.importance not in ("magnitude", "taylor"):
             raise ValueError(f"config key 'snapshot.importance': '{self.importance}' is neither 'magnitude' nor 'taylor'")
         for key, value, check in (("prune-ratio", self.prune_ratio, lambda v: 0.0 <= float(v) < 1.0),

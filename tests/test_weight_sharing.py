@@ -11,7 +11,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from server.snapshots.cluster import freeze_shared, kmeans_1d, kmeans_rows, share_weights
+from server.snapshots.cluster import (freeze_shared, input_moments, kmeans_1d, kmeans_rows, refit_centroids,
+                                      share_weights)
 from server.snapshots.export import export_onnx, quantize
 from server.snapshots.pipeline import calibration_frames, make_snapshot
 from server.snapshots.registry import Registry
@@ -40,6 +41,42 @@ def test_kmeans_per_row_fits_each_row_at_least_as_well_as_one_codebook():
     err = lambda r: ((r - rows).norm(dim=1) / rows.norm(dim=1))  # noqa: E731  (relative, as BatchNorm sees it)
     per_row, per_layer = err(torch.gather(centroids, 1, index)), err(shared[one])
     assert torch.all(per_row <= per_layer + 1e-6) and float(per_row.max()) < 0.2 < float(per_layer.max())
+
+
+def test_refit_to_inputs_that_are_uncorrelated_and_alike_keeps_each_clusters_mean():
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(6, 90, generator=gen)
+    centroids, index = kmeans_rows(rows, 8)
+    means = torch.stack([torch.stack([r[i == j].mean() if (i == j).any() else torch.tensor(0.0) for j in range(8)])
+                         for r, i in zip(rows, index)])
+    refit = refit_centroids(rows, index, 8, torch.eye(90))  # E[x x^T] = I: the output error is the weights' error
+    assert torch.allclose(refit, means, atol=1e-5) and torch.allclose(centroids, means, atol=1e-5)
+
+
+def smooth_frames(count: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """uint8 frames whose neighbouring pixels correlate, as in camera frames (so do a conv's input patches)."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(count, 3, size // 8, size // 8, generator=gen)
+    return (torch.nn.functional.interpolate(coarse, size=size, mode="bilinear") * 255).round().byte().numpy()
+
+
+@pytest.mark.parametrize("per", ["channel", "layer"])
+def test_a_fit_to_the_outputs_moves_them_less_than_kmeans_of_the_weights(per):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 24, 3, padding=1)).eval()
+    frames, held = smooth_frames(16), torch.from_numpy(smooth_frames(8, seed=1)).float() / 255
+    with torch.no_grad():
+        dense = model(held)
+    kmeans, fitted = copy.deepcopy(model), copy.deepcopy(model)
+    assert share_weights(kmeans, 8, per) == share_weights(fitted, 8, per, input_moments(fitted, frames)) == 2
+    freeze_shared(kmeans)
+    freeze_shared(fitted)
+    conv = fitted[2].weight.reshape(24 if per == "channel" else 1, -1)
+    assert all(len(torch.unique(row)) <= 8 for row in conv)  # still k values: the packed form holds
+    with torch.no_grad():
+        err = lambda m: float((m(held) - dense).pow(2).mean() / dense.var())  # noqa: E731
+        assert err(fitted) < err(kmeans) / 2, (err(fitted), err(kmeans))
 
 
 def int8_of(model, cfg, path):
@@ -82,6 +119,7 @@ def test_a_clustered_snapshot_is_gated_signed_and_published_with_its_packed_form
                                                  "snapshot.cluster": 16, "snapshot.cluster-epochs": 1}),
                            1, "", registry)
     assert result.published and result.manifest.extra["cluster"] == 16
+    assert result.manifest.extra["cluster_fit"] == "outputs"  # the default: fit to each conv's outputs
     folder = registry.folder() / result.manifest.version
     packed = result.manifest.extra["packed"]
     assert (folder / PACKED_FILE).stat().st_size == packed["size"] < result.manifest.size / 2

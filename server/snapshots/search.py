@@ -171,7 +171,7 @@ def candidate(model, ratio: float, epochs: int, cfg: Config, frames: np.ndarray,
         from server.snapshots.cluster import clustered_student
 
         shares = lambda done, total, _loss: progress(f"prune {ratio:.0%}: sharing weights", done, total)  # noqa: E731
-        model = clustered_student(model, dense, cfg, progress=shares)
+        model = clustered_student(model, dense, cfg, frames, progress=shares)
     fp32 = export_onnx(model, work / "fp32.onnx", cfg.data.imgsz, metadata)
     layers: list[int] | int = s.first_float if s.first_float is not None else 0
     chosen = {}
