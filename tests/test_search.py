@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from server.snapshots import costmodel, precision
@@ -121,3 +122,38 @@ def test_float_layers_keep_the_previous_snapshots_choice_while_float_is_no_slowe
     again = {x.index for x in held.layers if x.index < 12 and x.index in by_latency(held)}
     assert again and {int(k) for k, why in second["float_layers_why"].items()
             if why.startswith("float in the previous snapshot")} == again
+
+
+def test_layers_float_for_their_error_keep_the_previous_snapshots_choice_within_a_band(trained, tmp_path,
+                                                                                       monkeypatch):
+    """The accuracy pass holds too: a layer is a candidate for float at SENSITIVE x the median layer's int8 error, or
+    at SENSITIVE / HOLD x when the previous snapshot ran it in float. Checked layer by layer on real measurements
+    (the cost model's latencies, so only the errors are measured, and they are the same in every call)."""
+    s, h = precision.SENSITIVE, precision.HOLD
+    assert precision.stands_out(s, 1.0, False) and not precision.stands_out(0.99 * s, 1.0, False)
+    assert precision.stands_out(0.99 * s, 1.0, True) and precision.stands_out(s / h, 1.0, True)
+    assert not precision.stands_out(0.99 * s / h, 1.0, True) and not precision.stands_out(1.0, 0.0, True)
+    cfg, model, _ = trained
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", cfg.data.imgsz, {})
+    frames, core = calibration_frames(cfg), "cortex-a53"
+    choose = lambda previous: precision.choose(fp32, frames, "arm64", tmp_path, 100.0, core=core,  # noqa: E731
+                                               previous=previous)  # a budget that admits every candidate
+    runs = {(): choose(())}
+    median = float(np.median([x.error for x in runs[()].layers]))
+    # The band: the int8 layer of most error that is slower in float (so only the accuracy pass can keep it),
+    # with HOLD set so that the band reaches just below it
+    band = max((x for x in runs[()].layers if not x.float and x.float_ms > 0), key=lambda x: x.error)
+    monkeypatch.setattr(precision, "HOLD", s / (0.99 * band.error / median))
+    for previous in ((band.index,), tuple(precision.layer_indices(fp32))):
+        runs[previous] = choose(previous)
+    for previous, p in runs.items():
+        assert float(np.median([x.error for x in p.layers])) == pytest.approx(median)
+        for x in p.layers:
+            assert x.float == bool(x.why), x  # a reason exactly where float
+            if x.why.startswith("int8 error"):
+                assert precision.stands_out(x.error, median, x.index in previous), x
+                assert ("float in the previous snapshot" in x.why) == (x.error < s * median), x
+            elif not x.float:
+                assert not precision.stands_out(x.error, median, x.index in previous), x
+    held = next(x for x in runs[(band.index,)].layers if x.index == band.index)
+    assert held.float and held.why.startswith("int8 error") and "float in the previous snapshot" in held.why
