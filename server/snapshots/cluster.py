@@ -1,7 +1,8 @@
 """Weight sharing for snapshot downloads (snapshot.cluster): every conv's weights take one of k shared values (1-D
-k-means per output channel or per layer, Han et al. 2016), the shared values are refit by least squares to the conv's
-outputs on calibration frames and optionally fine-tuned by distillation, and per-channel int8 then leaves at most k
-values in each channel, which packs into indices + per-channel codebooks."""
+k-means per output channel or per layer, Han et al. 2016), each weight's choice and the shared values are then fit to
+the conv's outputs on calibration frames (GPTQ-style compensation, least squares) and optionally fine-tuned by
+distillation, and per-channel int8 then leaves at most k values in each channel, which packs into indices +
+per-channel codebooks."""
 
 from __future__ import annotations
 
