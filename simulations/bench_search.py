@@ -26,7 +26,8 @@ from shared.run_dir import RunDir  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--run", default="runs/demo", help="a finished run: its last global student is used")
+    ap.add_argument("--run", default="runs/demo", help="a finished run: its last global student, or --round's")
+    ap.add_argument("--round", type=int, default=0, help="the round checkpoint to use (default: the run's last)")
     ap.add_argument("--imgsz", type=int, default=320, help="the size latency is timed at")
     ap.add_argument("--runs", type=int, default=50, help="timed runs per model and timing round")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds; the median of their p50s is reported")
@@ -38,7 +39,8 @@ def main() -> None:
     cfg = load_config({**RunDir(run).overrides(), "resume": True, "snapshot.prune-ratio": "auto",
                        "snapshot.float-layers": "auto", **dict(s.split("=", 1) for s in args.set)})
     task.set_threads(cfg.train.threads)
-    last = RunCheckpoints(run).latest_weights()
+    checkpoints = RunCheckpoints(run)
+    last = checkpoints.dir / f"global_r{args.round:04d}.pt" if args.round else checkpoints.latest_weights()
     student = model_files.open_model(last).model
     names = [student.names[i] for i in sorted(student.names)]
     held = [task.camera_yaml(cfg, k) for k in task.eval_cameras(cfg)]
