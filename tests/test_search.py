@@ -9,7 +9,10 @@ from server.snapshots import costmodel, precision
 from server.snapshots.export import export_onnx, float_nodes, quantize
 from server.snapshots.pipeline import calibration_frames, make_snapshot
 from server.snapshots.registry import Registry
+from server.snapshots import search
+from server.snapshots.export import GraphReport
 from server.snapshots.search import step_ratio, within
+from shared.evaluate import EvalResult
 
 
 def test_snapshot_config_is_validated(tiny_cfg):
@@ -28,6 +31,33 @@ def test_the_gate_is_relative_and_steps_compose():
     assert within(0.098, 0.1, 0.02) and not within(0.097, 0.1, 0.02)
     assert step_ratio(0.25, 0.5) == pytest.approx(1 / 3)  # 75 % of the channels left, two thirds of them kept
     assert 1 - (1 - 0.25) * (1 - step_ratio(0.25, 0.625)) == pytest.approx(0.625)
+
+
+def test_a_step_that_narrowly_fails_is_recovered_once_more_and_a_clear_miss_ends_the_search(tiny_cfg, tmp_path):
+    """The search's own loop, with its two injection points (build a candidate, score it) answering by a rule: a
+    step's mAP50 is set by the epochs its model recovered. 25 % passes; 50 % loses 3 % (a near miss under a 2 %
+    gate) after its first epochs and passes after as many again; 62.5 % loses 10 % twice over the gate: the end."""
+    cfg = tiny_cfg.replace(**{"snapshot.prune-ratio": "auto", "snapshot.search-ratios": "0.25,0.5,0.625,0.75",
+                              "snapshot.recover-epochs": 4, "snapshot.tolerance": 0.02})
+    lost = {(0.0, 0): 0.0, (0.25, 2): 0.01, (0.5, 2): 0.03, (0.5, 4): 0.015, (0.625, 1): 0.10}  # (ratio, epochs)
+    builds = []
+
+    def build(model, ratio, epochs, step=None, again=False, deadline=None):
+        builds.append((ratio, epochs, again))
+        recovered = (model["recovered"] if again else 0) + epochs
+        return search.Candidate(tmp_path / f"{ratio}-{len(builds)}.onnx", GraphReport(1, 0, {}),
+                                int(1000 * (1 - ratio)), {"ratio": ratio, "recovered": recovered}, ratio)
+
+    def score(cand):
+        return EvalResult(0.5 * (1 - lost[cand.ratio, cand.model["recovered"]]), 0.3)
+
+    out = search.run(None, cfg, 0.5, score, build, lambda path: 10.0 - float(path.name.split("-")[0]) * 4,
+                     lambda *a: None)
+    assert builds == [(0.0, 0, False), (0.25, 2, False), (0.5, 2, False), (0.5, 2, True), (0.625, 1, False)]
+    assert [(t.ratio, t.passed) for t in out.tried] == [(0.0, True), (0.25, True), (0.5, False), (0.5, True),
+                                                         (0.625, False)]
+    assert "recovered again" in out.tried[3].note and out.tried[2].note == ""
+    assert out.best.ratio == 0.5 and out.best.model["recovered"] == 4 and out.stopped.endswith("failed the gate")
 
 
 def test_auto_search_records_every_candidate_and_keeps_its_budget(trained, tmp_path):

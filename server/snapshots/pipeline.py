@@ -119,7 +119,7 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
         cand, got = (out.best, out.best_score) if out.best is not None else (out.last, out.last_score)
         failed = [f"prune {t.ratio:.0%}: mAP50 {t.map50:.3f} int8 vs {ref.map50:.3f} fp32, {t.drop:.1%} lost > "
                   f"tolerance {s.tolerance:.0%}" for t in out.tried if not t.passed]
-        chosen = next(t for t in out.tried if t.ratio == cand.ratio)
+        chosen = [t for t in out.tried if t.ratio == cand.ratio][-1]  # a step recovered again: its second score
         manifest = Manifest(version=version, round=rnd, target=s.target, sha256=sha256_file(cand.path),
                             size=cand.path.stat().st_size, imgsz=imgsz, names=names, map50_fp32=ref.map50,
                             map50_int8=got.map50, map_fp32=ref.map, map_int8=got.map,
@@ -176,9 +176,14 @@ def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None, pr
         batches = itertools.islice(loader, TAYLOR_BATCHES)
     model = prune(dense, ratio, cfg.data.imgsz, s.round_to, batches)
     if ratio > 0 and epochs > 0:
-        # Distillation alone (det_weight 0): the server's labels are of its base domain, and training on them pulls
-        # the student away from the cameras' domains (measured: README, "Snapshots and devices").
-        spec = TrainSpec.central(cfg.train, epochs=epochs, lr=cfg.train.lr / 2, warmup_steps=0, det_weight=0.0)
-        teacher = copy.deepcopy(teacher if teacher is not None else dense)
-        task.distill_fit(model, teacher, task.base_yaml(cfg), cfg, spec, seed, progress=progress)
+        recover(model, teacher if teacher is not None else dense, cfg, epochs, seed, progress)
+    return model
+
+
+def recover(model, teacher, cfg: Config, epochs: int, seed: int | None = None, progress: Progress | None = None):
+    """Train a pruned `model` in place for `epochs` by distillation from `teacher` on the server's frames."""
+    # Distillation alone (det_weight 0): the server's labels are of its base domain, and training on them pulls
+    # the student away from the cameras' domains (measured: README, "Snapshots and devices").
+    spec = TrainSpec.central(cfg.train, epochs=epochs, lr=cfg.train.lr / 2, warmup_steps=0, det_weight=0.0)
+    task.distill_fit(model, copy.deepcopy(teacher), task.base_yaml(cfg), cfg, spec, seed, progress=progress)
     return model
