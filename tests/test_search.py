@@ -36,7 +36,8 @@ def test_the_gate_is_relative_and_steps_compose():
 def test_a_step_that_narrowly_fails_is_recovered_once_more_and_a_clear_miss_ends_the_search(tiny_cfg, tmp_path):
     """The search's own loop, with its two injection points (build a candidate, score it) answering by a rule: a
     step's mAP50 is set by the epochs its model recovered. 25 % passes; 50 % loses 3 % (a near miss under a 2 %
-    gate) after its first epochs and passes after as many again; 62.5 % loses 10 % twice over the gate: the end."""
+    gate) after its first epochs and passes after as many again; 62.5 % loses 10 % twice over the gate: the end.
+    And the fastest passing candidate wins only by a margin of 3 % over the one before it."""
     cfg = tiny_cfg.replace(**{"snapshot.prune-ratio": "auto", "snapshot.search-ratios": "0.25,0.5,0.625,0.75",
                               "snapshot.recover-epochs": 4, "snapshot.tolerance": 0.02})
     lost = {(0.0, 0): 0.0, (0.25, 2): 0.01, (0.5, 2): 0.03, (0.5, 4): 0.015, (0.625, 1): 0.10}  # (ratio, epochs)
@@ -52,12 +53,20 @@ def test_a_step_that_narrowly_fails_is_recovered_once_more_and_a_clear_miss_ends
         return EvalResult(0.5 * (1 - lost[cand.ratio, cand.model["recovered"]]), 0.3)
 
     out = search.run(None, cfg, 0.5, score, build, lambda path: 10.0 - float(path.name.split("-")[0]) * 4,
-                     lambda *a: None)
+                     lambda *a: None)  # 10, 9, 8, 7.5 ms: each step faster by more than 3 %
     assert builds == [(0.0, 0, False), (0.25, 2, False), (0.5, 2, False), (0.5, 2, True), (0.625, 1, False)]
     assert [(t.ratio, t.passed) for t in out.tried] == [(0.0, True), (0.25, True), (0.5, False), (0.5, True),
                                                          (0.625, False)]
     assert "recovered again" in out.tried[3].note and out.tried[2].note == ""
     assert out.best.ratio == 0.5 and out.best.model["recovered"] == 4 and out.stopped.endswith("failed the gate")
+    # A deeper cut that passes but is not measurably faster (1 % here) does not replace the faster-by-margin one
+    lost.update({(0.625, 1): 0.0, (0.75, 1): 0.0})
+    ms = {0.0: 10.0, 0.25: 9.0, 0.5: 8.0, 0.625: 7.9, 0.75: 7.0}
+    out = search.run(None, cfg, 0.5, score, build, lambda path: ms[float(path.name.split("-")[0])], lambda *a: None)
+    assert [t.ratio for t in out.tried if t.passed] == [0.0, 0.25, 0.5, 0.625, 0.75] and out.best.ratio == 0.75
+    ms[0.75] = 7.8
+    out = search.run(None, cfg, 0.5, score, build, lambda path: ms[float(path.name.split("-")[0])], lambda *a: None)
+    assert out.best.ratio == 0.5  # 7.9 and 7.8 ms are within 3 % of 8.0
 
 
 def test_auto_search_records_every_candidate_and_keeps_its_budget(trained, tmp_path):
