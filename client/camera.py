@@ -197,7 +197,7 @@ def local_finetune(model, data_yaml: Path, cfg: Config, config: Mapping[str, Any
     if control is not None:
         control.advance(model, result.mean_grad)
     return {"num-examples": result.examples, "pseudo-labelled": len(pool), "loss": sum(result.losses) / max(1, len(result.losses)),
-            "last-loss": result.losses[-1] if result.losses else 0.0, "steps": result.steps,
+            "last-loss": result.losses[-1] if result.losses else 0.0, "steps": result.steps, "lr": spec.lr,
             "train-seconds": result.seconds, "update-norm": update_norm(before, model)}
 
 

@@ -3,6 +3,7 @@ that cannot work together; shared.config reads them from pyproject with the othe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 PERSONAL_MODES = ("none", "bn", "head", "bn+head")  # fed.personal: what stays on each camera (shared/personal.py)
@@ -24,6 +25,7 @@ class FedConfig:
     local_epochs: int
     local_steps: int
     local_lr: float
+    lr_decay: float
     local_optimizer: str
     freeze_bn: bool
     adabn: bool
@@ -59,7 +61,17 @@ class FedConfig:
         """Each camera runs a whole model of its own (fed.keep-finetuned or Ditto), not the global one."""
         return self.keep_finetuned or self.ditto_lambda > 0
 
+    def round_lr(self, rnd: int) -> float:
+        """The local lr of round `rnd` (1-based): cosine from fed.local-lr at round 1 to lr-decay of it at the last,
+        so late rounds move the global model by less as it settles (README: personalization)."""
+        if self.lr_decay == 1.0 or self.rounds <= 1:
+            return self.local_lr
+        t = min(max(rnd - 1, 0) / (self.rounds - 1), 1.0)
+        return self.local_lr * (self.lr_decay + (1 - self.lr_decay) * 0.5 * (1 + math.cos(math.pi * t)))
+
     def __post_init__(self):
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"config key 'fed.lr-decay': {self.lr_decay} is not in (0, 1]")
         if not self.ditto_lambda >= 0:
             raise ValueError(f"config key 'fed.ditto-lambda': {self.ditto_lambda} is not >= 0")
         if self.personal not in PERSONAL_MODES:

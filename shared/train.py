@@ -46,9 +46,9 @@ class TrainSpec:
                    freeze_bn=f.freeze_bn, proximal_mu=float(plan.get("proximal-mu", 0.0)))  # FedProx sends mu
 
 
-def local_plan(f: FedConfig) -> dict[str, Any]:
-    """What the server decides, once, about every camera's local training: the train message carries it."""
-    return {"lr": f.local_lr, "local-epochs": f.local_epochs, "local-steps": f.local_steps, "personal": f.personal,
+def local_plan(f: FedConfig, rnd: int = 1) -> dict[str, Any]:
+    """What the server decides about every camera's local training in round `rnd`: the train message carries it."""
+    return {"lr": f.round_lr(rnd), "local-epochs": f.local_epochs, "local-steps": f.local_steps, "personal": f.personal,
             "adabn": f.adabn, "keep-finetuned": f.keep_finetuned, "ditto-lambda": f.ditto_lambda,
             "compress": f.compress, "compress-topk": f.compress_topk, "dp": f.dp, "dp-noise": f.dp_noise,
             "dp-clip": f.dp_clip, "dp-delta": f.dp_delta}

@@ -130,7 +130,7 @@ def direct(flat: dict, run_dir: Path, events: list[dict]) -> dict[str, float]:
             t0 = time.perf_counter()
             local_evaluate(net, data, cfg)
             t1 = time.perf_counter()
-            local_finetune(net, data, cfg, {**local_plan(cfg.fed), "seed": round_seed(cfg.seed, e["round"])})
+            local_finetune(net, data, cfg, {**local_plan(cfg.fed, e["round"]), "seed": round_seed(cfg.seed, e["round"])})
             got["eval"] += t1 - t0
             got["finetune"] += time.perf_counter() - t1
     return got

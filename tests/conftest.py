@@ -119,7 +119,7 @@ def tiny_run(tmp_path_factory, tiny_cfg, tiny_world, egress_shim):
 
     run_dir = tmp_path_factory.mktemp("run")
     log, shim = run_dir / "egress.jsonl", egress_shim
-    cfg = sim_cfg(tiny_cfg, tiny_world, run_dir / "run")
+    cfg = sim_cfg(tiny_cfg, tiny_world, run_dir / "run", **{"fed.lr-decay": 0.5})
     code = simulation.launch(cfg, 2, extra_env={"LD_PRELOAD": str(shim), "FEDCAM_EGRESS_LOG": str(log)},
                              timeout=300)
     return cfg, code, log

@@ -29,6 +29,10 @@ def test_two_cameras_two_rounds(tiny_run):
     trains = by_kind(run_dir, "train_result")
     assert [t["data"]["accepted"] for t in trains] == [2, 2]
     assert all(c["ok"] and c["metrics"]["num-examples"] > 0 for t in trains for c in t["data"]["clients"])
+    # fed.lr-decay 0.5: round 2 (the last) trained at half of round 1's local lr, as the round's plan said
+    lrs = [{c["metrics"]["lr"] for c in t["data"]["clients"]} for t in trains]
+    assert lrs == [{cfg.fed.local_lr}, {cfg.fed.local_lr / 2}]
+    assert [e["data"]["lr"] for e in by_kind(run_dir, "round_start")] == [cfg.fed.local_lr, cfg.fed.local_lr / 2]
     # evaluate-in-train: each client scored the model it received on its own val split, in the same message
     assert all(0.0 <= c["metrics"]["global-map50"] <= 1.0 and c["metrics"]["global-num-examples"] > 0
                for t in trains for c in t["data"]["clients"])

@@ -210,3 +210,20 @@ def test_a_malformed_reply_is_rejected_by_name_and_the_round_goes_on(name, tiny_
     assert reason in outcomes[3]["reason"], outcomes[3]["reason"]
     key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 4)
     assert float(np.mean(arrays[key].numpy() - state[key].numpy())) == pytest.approx(0.015, abs=1e-4)
+
+
+def test_the_local_lr_decays_over_the_rounds_as_configured(tiny_cfg):
+    """fed.lr-decay: cosine from fed.local-lr at round 1 to that fraction of it at the last round, in the plan every
+    train message carries (and the baselines' local steps read); 1.0 keeps it constant; outside (0, 1] is refused."""
+    from shared.train import TrainSpec, local_plan
+
+    fed = dataclasses.replace(tiny_cfg.fed, rounds=5, local_lr=1e-3, lr_decay=0.1)
+    lrs = [local_plan(fed, rnd)["lr"] for rnd in range(1, 6)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4) and lrs[2] == pytest.approx(5.5e-4)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert TrainSpec.local(tiny_cfg.train, fed, local_plan(fed, 5)).lr == pytest.approx(1e-4)
+    constant = dataclasses.replace(fed, lr_decay=1.0)
+    assert {local_plan(constant, rnd)["lr"] for rnd in range(1, 6)} == {1e-3}
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="fed.lr-decay"):
+            dataclasses.replace(fed, lr_decay=bad)

@@ -42,7 +42,8 @@ class SecureFedAvg(LegacyFedAvg):
         from shared.train import round_seed
 
         rnd = server_round + self.run.done
-        return {**dict(self.run.train_config()), "seed": round_seed(self.run.cfg.seed, rnd), "keys": self.keys,
+        return {**dict(self.run.train_config()), "seed": round_seed(self.run.cfg.seed, rnd),
+                "lr": self.run.cfg.fed.round_lr(rnd), "keys": self.keys,
                 "summed": self.summed}
 
     def configure_fit(self, server_round, parameters, client_manager):

@@ -71,6 +71,7 @@ class FedcamMixin:
     personal: frozenset[str] = frozenset()  # keys the cameras keep (fed.personal): replies leave them out
     wire: ServerWire = ServerWire("none", "none", 0.1, 0)  # fed.compress: how models travel each way
     ledger: Ledger | None = None  # fed.dp: the privacy accountant (None: off)
+    round_lr = None  # rnd -> the local lr of that round (FedConfig.round_lr)
     rider = None  # per-camera snapshot steps on the train messages (server/snapshots/rider.py; None: off)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -80,6 +81,8 @@ class FedcamMixin:
             self.ledger.check(len(list(grid.get_node_ids())))  # local DP's budget (central: Flower's wrapper checks)
         random.seed(round_seed(self.seed, rnd))  # Flower samples with `random`: make it replayable on resume
         config["seed"] = round_seed(self.seed, rnd)
+        if self.round_lr is not None:
+            config["lr"] = self.round_lr(rnd)  # fed.lr-decay: this round's local lr
         messages = list(super().configure_train(rnd, arrays, config, grid))
         self._layout = layout_of(arrays)  # one array per dtype on the wire (see shared/arrays)
         # What the cameras train from: the global model, or with compressed downloads the copy they hold of it.
@@ -92,7 +95,8 @@ class FedcamMixin:
         self._sampled = [m.metadata.dst_node_id for m in messages]
         self._sent = messages  # the Grid gives each its message id in place when it pushes them
         self._round_start = time.time()
-        self.bus.emit("round_start", rnd, sampled=self._sampled, available=len(list(grid.get_node_ids())))
+        self.bus.emit("round_start", rnd, sampled=self._sampled, available=len(list(grid.get_node_ids())),
+                      lr=config.get("lr"))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -289,6 +293,7 @@ def make_strategy(f: FedConfig, bus: EventBus, seed: int, round_offset: int = 0,
     strategy.bus, strategy.seed, strategy.round_offset = bus, seed, round_offset
     strategy.max_update_norm = f.max_update_norm if f.max_update_norm > 0 else None
     strategy.norm_outlier = f.norm_outlier
+    strategy.round_lr = f.round_lr
     strategy.wait_timeout = f.round_timeout
     strategy.personal = frozenset(personal)
     strategy.wire = ServerWire(f.compress, f.downlink, f.compress_topk, seed)

@@ -15,9 +15,9 @@ from shared.run_dir import RunDir
 from shared.train import TrainSpec, local_plan, round_seed
 
 
-def _local_spec(cfg: Config) -> TrainSpec:
-    # Same optimizer, lr and per-round budget as a federated client: only the sharing differs.
-    return TrainSpec.local(cfg.train, cfg.fed, local_plan(cfg.fed))
+def _local_spec(cfg: Config, rnd: int) -> TrainSpec:
+    # Same optimizer, lr (fed.lr-decay's too) and per-round budget as a federated client: only the sharing differs.
+    return TrainSpec.local(cfg.train, cfg.fed, local_plan(cfg.fed, rnd))
 
 
 def local_only(cfg: Config, start: Path) -> EventBus:
@@ -32,7 +32,7 @@ def local_only(cfg: Config, start: Path) -> EventBus:
         for k, net in enumerate(nets):
             if cfg.fed.adabn:  # the same recipe as a federated camera's (client/client_app.py)
                 adapt_bn(net, task.camera_yaml(cfg, k), cfg)
-            task.fit(net, task.camera_yaml(cfg, k), cfg, _local_spec(cfg), seed=round_seed(cfg.seed, rnd))
+            task.fit(net, task.camera_yaml(cfg, k), cfg, _local_spec(cfg, rnd), seed=round_seed(cfg.seed, rnd))
             if cfg.fed.adabn:
                 adapt_bn(net, task.camera_yaml(cfg, k), cfg)
             scores.append(task.score(net, task.camera_yaml(cfg, k), cfg))
@@ -53,7 +53,7 @@ def centralized(cfg: Config, start: Path) -> EventBus:
     bus.emit("run_start", 0, baseline="centralized")
     for rnd in range(1, cfg.fed.rounds + 1):
         t0 = time.time()
-        task.fit(net, yamls, cfg, _local_spec(cfg), seed=round_seed(cfg.seed, rnd))
+        task.fit(net, yamls, cfg, _local_spec(cfg, rnd), seed=round_seed(cfg.seed, rnd))
         central = task.score_cameras(net, cfg)
         if rnd == cfg.fed.rounds:
             central.update(_mean([task.score(net, y, cfg) for y in yamls]))
@@ -61,7 +61,7 @@ def centralized(cfg: Config, start: Path) -> EventBus:
             tuned = []
             for y in yamls:
                 own = copy.deepcopy(net)
-                task.fit(own, y, cfg, _local_spec(cfg), seed=round_seed(cfg.seed, rnd + 1))
+                task.fit(own, y, cfg, _local_spec(cfg, rnd), seed=round_seed(cfg.seed, rnd + 1))
                 tuned.append(task.score(own, y, cfg))
             central.update({f"finetuned-{k}": v for k, v in _mean(tuned).items()})
         bus.emit("round_end", rnd, central=central, seconds=time.time() - t0)
