@@ -55,7 +55,8 @@ def test_simulation_makes_no_connection_off_loopback(tiny_run):
 def test_resume_ends_with_the_same_weights(tiny_run, tiny_cfg, tiny_world, tmp_path):
     full_cfg, code, _ = tiny_run
     assert code == 0
-    cfg = sim_cfg(tiny_cfg, tiny_world, tmp_path / "run", **{"fed.rounds": 1})
+    # The tiny run's lr schedule too (fed.lr-decay): round 1 at the full lr, the resumed round 2 at its decayed one
+    cfg = sim_cfg(tiny_cfg, tiny_world, tmp_path / "run", **{"fed.rounds": 1, "fed.lr-decay": full_cfg.fed.lr_decay})
     assert simulation.launch(cfg, 2, timeout=300) == 0
     resumed = cfg.replace(**{"fed.rounds": 2, "resume": True})
     assert simulation.launch(resumed, 2, timeout=300) == 0
@@ -148,7 +149,10 @@ def test_rounds_go_on_while_a_snapshot_is_made(tiny_cfg, tiny_world, tmp_path):
     at = lambda kind, rnd: next(i for i, e in enumerate(events) if e["kind"] == kind and e["round"] == rnd)  # noqa: E731
     # Round 2 began before round 1's snapshot was done (inline, the snapshot would come first) and trained beside it.
     assert at("round_end", 1) < at("round_start", 2) < at("snapshot", 1)
-    assert at("round_start", 2) < at("snapshot_progress", 1)
+    # ... and the snapshot was still at work after round 2 began (whether its first stage came before round 2's
+    # start is a race between two processes: it is not what this test is about)
+    progress = [i for i, e in enumerate(events) if e["kind"] == "snapshot_progress" and e["round"] == 1]
+    assert progress and max(progress) > at("round_start", 2)
     made = {e["round"] for e in events if e["kind"] == "snapshot"}
     skipped = {e["round"] for e in events if e["kind"] == "snapshot_skipped"}
     assert 3 in made and made | skipped == {1, 2, 3} and not made & skipped
