@@ -119,7 +119,7 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
         cand, got = (out.best, out.best_score) if out.best is not None else (out.last, out.last_score)
         failed = [f"prune {t.ratio:.0%}: mAP50 {t.map50:.3f} int8 vs {ref.map50:.3f} fp32, {t.drop:.1%} lost > "
                   f"tolerance {s.tolerance:.0%}" for t in out.tried if not t.passed]
-        chosen = [t for t in out.tried if t.ratio == cand.ratio][-1]  # a step recovered again: its second score
+        chosen = search.figures_of(out.tried, cand)
         manifest = Manifest(version=version, round=rnd, target=s.target, sha256=sha256_file(cand.path),
                             size=cand.path.stat().st_size, imgsz=imgsz, names=names, map50_fp32=ref.map50,
                             map50_int8=got.map50, map_fp32=ref.map, map_int8=got.map,

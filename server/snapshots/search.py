@@ -79,6 +79,11 @@ Score = Callable[[Candidate], EvalResult]
 Build = Callable[..., Candidate]
 
 
+def figures_of(tried: Sequence[Tried], cand: Candidate) -> Tried:
+    """A candidate's figures: the last scored at its ratio (a step recovered again was scored twice)."""
+    return next(t for t in reversed(tried) if t.ratio == cand.ratio)
+
+
 def step_ratio(prev: float, ratio: float) -> float:
     """The cut of the current model that takes it from `prev` to `ratio` of the starting model's channels."""
     return 1.0 - (1.0 - ratio) / (1.0 - prev)
@@ -106,15 +111,12 @@ def run(dense, cfg: Config, ref: float, score: Score, build: Build, latency: Cal
         tried.append(Tried(cand.ratio, cand.params, got.map50, (ref - got.map50) / ref if ref else 0.0, passed, host,
                            target, epochs, (time.perf_counter() - started) / 60, cand.float_layers, note))
         last, last_score = cand, got
-        if passed and (best is None or target < (1 - FASTER_BY) * tried_of(best).target_ms):
+        if passed and (best is None or target < (1 - FASTER_BY) * figures_of(tried, best).target_ms):
             best, best_score = cand, got
         if not passed:
             log.warning("snapshot candidate rejected: prune %.0f%%, mAP50 %.3f int8 vs %.3f fp32 (tolerance %.0f%%)",
                         cand.ratio * 100, got.map50, ref, s.tolerance * 100)
         return passed
-
-    def tried_of(cand: Candidate) -> Tried:
-        return next(t for t in reversed(tried) if t.ratio == cand.ratio)  # a step recovered again: its second score
 
     if s.ratio is not None:  # a fixed ratio: the configured one, then no pruning
         for ratio in dict.fromkeys([s.ratio, 0.0]):
@@ -130,8 +132,8 @@ def run(dense, cfg: Config, ref: float, score: Score, build: Build, latency: Cal
     budget, current, prev, per_epoch = s.search_minutes * 60, dense, 0.0, None
     stopped = "every ratio of snapshot.search-ratios tried"
     for ratio in s.ladder:
-        if s.latency_budget_ms > 0 and tried_of(best).target_ms <= s.latency_budget_ms:
-            stopped = f"latency budget met ({tried_of(best).target_ms:.1f} <= {s.latency_budget_ms} ms)"
+        if s.latency_budget_ms > 0 and figures_of(tried, best).target_ms <= s.latency_budget_ms:
+            stopped = f"latency budget met ({figures_of(tried, best).target_ms:.1f} <= {s.latency_budget_ms} ms)"
             break
         epochs = max(1, round(s.recover_epochs * (ratio - prev) / RATIO_STEP_EPOCHS)) if s.recover_epochs else 0
         left = budget - (time.perf_counter() - t0)
