@@ -91,14 +91,15 @@ def test_auto_search_records_every_candidate_and_keeps_its_budget(trained, tmp_p
     assert none.published and [t["ratio"] for t in none.manifest.extra["candidates"]] == [0.0]
     assert "budget" in none.manifest.extra["search_stopped"]
     why = none.manifest.extra["float_layers_why"]
-    assert {int(k) for k in why} == set(none.manifest.extra["float_layers"]) and all(why.values())
+    assert set(why) == {str(u) for u in none.manifest.extra["float_layers"]} and all(why.values())
     # ... from a measurement of every layer: its int8 error and its float latency, a reason exactly where it is float
     layers = none.manifest.extra["precision"]["layers"]
     fp32 = export_onnx(model, tmp_path / "fp32.onnx", cfg.data.imgsz, {})
     indices = precision.layer_indices(fp32)
     assert [x["index"] for x in layers] == indices and all(x["error"] >= 0 for x in layers)
-    assert none.manifest.extra["float_layers"] == sorted(x["index"] for x in layers if x["float"])
-    assert all(bool(x["why"]) == x["float"] for x in layers)
+    modules = [u for u in none.manifest.extra["float_layers"] if isinstance(u, int)]
+    assert modules == sorted(x["index"] for x in layers if x["float"])
+    assert all(bool(x["why"]) == x["float"] for x in layers + none.manifest.extra["precision"]["convs"])
     # quantize keeps exactly the listed layers float (beside the head's fixed float part)
     listed = [indices[1], indices[3]]
     kept = set(float_nodes(fp32, listed)) - set(float_nodes(fp32, []))
@@ -110,6 +111,54 @@ def test_auto_search_records_every_candidate_and_keeps_its_budget(trained, tmp_p
     # A latency budget the unpruned candidate already meets ends the search there
     met = make_snapshot(model, auto.replace(**{"snapshot.latency-budget-ms": 1e6}), 3, "c3", registry)
     assert [t["ratio"] for t in met.manifest.extra["candidates"]] == [0.0] and met.manifest.extra["latency_budget_met"]
+
+
+def test_a_conv_inside_a_module_is_kept_float_alone_and_only_when_the_model_is_faster_with_it(trained, tmp_path,
+                                                                                             monkeypatch):
+    """A conv unit ("2/m.0/cv1") keeps exactly that conv float. The conv pass tries in float the convs whose float
+    kernel the profile finds faster (here one by rule: the profile is this CPU's) and keeps them only when the paired
+    timing of the whole model says so (here by rule too); the graphs it builds and times are real."""
+    cfg, model, _ = trained
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", cfg.data.imgsz, {})
+    units = precision.conv_units(fp32, precision.layer_indices(fp32))
+    unit = next(u for u in units if "/m.0/" in u)
+    kept = set(float_nodes(fp32, [unit])) - set(float_nodes(fp32, []))
+    assert kept and all(n.startswith(f"/model.{unit}/") for n in kept)
+    frames = calibration_frames(cfg)
+    variant = lambda name, layers: quantize(fp32, tmp_path / f"{name}.onnx", frames, "x86", float_layers=layers)  # noqa: E731
+    x = np.zeros((1, 3, cfg.data.imgsz, cfg.data.imgsz), np.float32)
+    real_profile = precision.node_us
+    assert any(name.startswith(f"/model.{unit}/") for name in real_profile(variant("probe", []), x, tmp_path, 2))
+    monkeypatch.setattr(precision, "node_us",  # the int8 graph: 100 us in the node of `unit`, the float one 10
+                        lambda path, x, work: {f"/model.{unit}/conv/Conv": 10.0 if path == fp32 else 100.0})
+    for delta, faster in ((-0.1, True), (0.0, False)):
+        current = variant("start", [])
+        monkeypatch.setattr(precision, "paired_ms", lambda a, b, x, runs=64: (1.0, delta))
+        rows, now = precision.faster_convs(fp32, current, precision.layer_indices(fp32), [], x, tmp_path, variant, [])
+        assert [(r["unit"], r["float"]) for r in rows] == [(unit, faster)] and rows[0]["why"]
+        assert (now != current) == faster and now.exists() and current.exists() != faster
+
+
+def test_each_concat_quantizes_its_inputs_and_output_on_one_scale(trained, tmp_path):
+    """onnxruntime's QLinearConcat copies an input on the output's scale (and requantizes any other): quantize puts
+    every Concat's inputs and output on one range, their union."""
+    import onnx
+    from onnx import numpy_helper
+
+    cfg, model, _ = trained
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", cfg.data.imgsz, {})
+    graph = onnx.load(str(quantize(fp32, tmp_path / "q.onnx", calibration_frames(cfg), "x86", float_layers=[0]))).graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    concats = [n for n in graph.node if n.op_type == "Concat" and n.input[0] in producer
+               and producer[n.input[0]].op_type == "DequantizeLinear"]
+    assert len(concats) >= 4
+    for node in concats:
+        consumer = next(n for n in graph.node if node.output[0] in n.input)
+        assert consumer.op_type == "QuantizeLinear"
+        params = {(float(consts[producer[t].input[1]]), int(consts[producer[t].input[2]])) for t in node.input}
+        params.add((float(consts[consumer.input[1]]), int(consts[consumer.input[2]])))
+        assert len(params) == 1, node.name
 
 
 def test_arm64_float_layers_take_latency_from_the_cost_model_and_errors_from_the_graph_as_written(trained, tmp_path):

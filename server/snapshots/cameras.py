@@ -15,7 +15,7 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from server.federation.events import client_error
-from server.snapshots.export import export_onnx, inspect_optimized, pre_process, quantize
+from server.snapshots.export import export_onnx, inspect_optimized, pre_process, quantize, unit_order
 from server.snapshots.pipeline import SnapshotResult, calibration_frames, latency_ms, within
 from server.snapshots.registry import Registry, check_camera_id, now_iso
 from shared import models
@@ -70,7 +70,7 @@ def more_float(layers, precision: dict, extra: int) -> list[int] | None:
     record); None when there is no record to choose from."""
     base = list(range(layers)) if isinstance(layers, int) else list(layers)
     ranked = sorted((x for x in precision.get("layers", []) if x["index"] not in base), key=lambda x: -x["error"])
-    return sorted(base + [x["index"] for x in ranked[:extra]]) if ranked else None
+    return unit_order(base + [x["index"] for x in ranked[:extra]]) if ranked else None
 
 
 def _fold(student, own: dict[str, torch.Tensor], camera: str):

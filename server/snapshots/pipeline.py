@@ -127,8 +127,11 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
                             nms={"iou": settings.iou, "max_det": settings.max_det},
                             extra={"prune_ratio": cand.ratio, "params": cand.params, "params_unpruned": params_unpruned,
                                    "method": s.method, "float_layers": cand.float_layers,
-                                   "float_layers_why": {x["index"]: x["why"] for x in
-                                                        cand.precision.get("layers", []) if x["float"]},
+                                   "float_layers_why": {**{x["index"]: x["why"] for x in
+                                                           cand.precision.get("layers", []) if x["float"]},
+                                                        **{x["unit"]: x["why"] for x in
+                                                           cand.precision.get("convs", [])
+                                                           if x["float"] and x["unit"] in cand.float_layers}},
                                    "precision": cand.precision, "int8_convs": cand.graph.int8_convs,
                                    "float_convs": cand.graph.float_convs, "cluster": s.cluster,
                                    "cluster_fit": s.cluster_fit if s.cluster else None,

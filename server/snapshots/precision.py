@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -12,7 +13,8 @@ import numpy as np
 import onnx
 
 from server.snapshots import costmodel
-from server.snapshots.export import float_nodes, pre_process, quantize, runs_integer_kernels
+from server.snapshots.export import (Unit, float_nodes, pre_process, quantize, runs_integer_kernels, unit_order,
+                                    unit_prefix)
 from shared.snapshot.calibration import activation_ranges
 from shared.snapshot.inference import session
 
@@ -23,6 +25,10 @@ PAIRED_RUNS = 64  # alternating timed runs per latency comparison (cheap: the qu
 # ±1.3 %, and at 1 % three of six picked a layer by chance. With 64 runs, either first half the time, and a new
 # layer measured twice, four repeats at 1.5 % all chose the stem alone (layer 2: 0.9-1.1 % each time).
 MIN_GAIN = 0.015
+# Convs inside int8 modules are tried in float when onnxruntime's profile gives their float kernel this fraction
+# less time than their int8 one (the profile ranks; the paired timing of the model decides, as for a module).
+CONV_GAIN = 0.15
+PROFILE_RUNS = 40
 SENSITIVE = 2.0  # a layer is a candidate for float when its error alone is this many times the median layer's
 HOLD = 1.25  # ... or SENSITIVE / HOLD times when it was float in the previous snapshot
 
@@ -38,21 +44,44 @@ class Layer:
 
 @dataclass
 class Precision:
-    float_layers: list[int]
+    float_layers: list[Unit]  # module indices, then convs inside int8 modules ("2/m.0/cv1")
     int8_ms: float  # the all-int8 model, 1 thread, on this machine
     layers: list[Layer]
     seconds: float
+    convs: list[dict] = field(default_factory=list)  # the convs tried in float: unit, int8_us, float_us, float, why
 
     def as_dict(self) -> dict:
         return {"float_layers": self.float_layers, "int8_ms": round(self.int8_ms, 3), "seconds": round(self.seconds, 1),
                 "layers": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(x).items()}
-                           for x in self.layers]}
+                           for x in self.layers], "convs": self.convs}
 
 
 def layer_indices(onnx_path: Path) -> list[int]:
     """The modules before the head (the head's float decode and last convs are fixed by export.float_nodes)."""
     found = {int(m.group(1)) for n in onnx.load(str(onnx_path)).graph.node if (m := re.match(r"/model\.(\d+)/", n.name))}
     return sorted(found)[:-1]
+
+
+def conv_units(onnx_path: Path, modules: Sequence[int]) -> list[str]:
+    """The convs (Ultralytics Conv blocks: conv and activation) inside composite `modules`, as units ("2/m.0/cv1")."""
+    found = (re.match(r"/model\.(\d+)/(.+)/conv/Conv$", n.name) for n in onnx.load(str(onnx_path)).graph.node)
+    return [f"{m.group(1)}/{m.group(2)}" for m in found if m and int(m.group(1)) in modules]
+
+
+def node_us(path: Path, x: np.ndarray, work: Path, runs: int = PROFILE_RUNS) -> dict[str, float]:
+    """Median kernel microseconds of every node of `path` as the camera runs it (1 thread), by onnxruntime's
+    profiler; the nodes keep their source names (fused, reordered or int8: "/model.2/m.0/cv1/conv/Conv_token_61")."""
+    s = session(path, profile=str(work / "profile"))
+    feed = {s.get_inputs()[0].name: x}
+    for _ in range(runs):
+        s.run(None, feed)
+    trace = Path(s.end_profiling())
+    times: dict[str, list[float]] = {}
+    for e in json.loads(trace.read_text()):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            times.setdefault(e["name"][:-len("_kernel_time")], []).append(e["dur"])
+    trace.unlink()
+    return {name: float(np.median(v)) for name, v in times.items()}
 
 
 def output_error(out: np.ndarray, ref: np.ndarray) -> float:
@@ -162,6 +191,10 @@ def choose(fp32: Path, frames: np.ndarray, target: str, work: Path, budget: floa
             trial.unlink()
         report.append(layer)
         say(len(layers) + k + 1, total)
+    convs: list[dict] = []
+    if current is not None:  # measured on this machine: the convs inside the modules still int8
+        convs, current = faster_convs(fp32, current, [i for i in layers if i not in chosen], chosen, x, work, variant,
+                                      previous)
     median = float(np.median(errors)) if errors else 0.0
     spend, allowed = 0.0, budget * int8_ms
     sensitive = sorted((x for x in report if not x.float and stands_out(x.error, median, x.index in previous)),
@@ -176,4 +209,45 @@ def choose(fp32: Path, frames: np.ndarray, target: str, work: Path, budget: floa
                          f"costs {cost:.3f} ms")
     for path in work.glob("*.onnx"):
         path.unlink()
-    return Precision(sorted(x.index for x in report if x.float), int8_ms, report, time.perf_counter() - t_start)
+    modules = [x.index for x in report if x.float]
+    inside = [c["unit"] for c in convs if c["float"] and int(c["unit"].split("/")[0]) not in modules]
+    return Precision(unit_order(modules + inside), int8_ms, report, time.perf_counter() - t_start, convs)
+
+
+def faster_convs(fp32: Path, current: Path, modules: Sequence[int], chosen: list[int], x: np.ndarray, work: Path,
+                 variant: Callable[[str, list], Path], previous: Sequence[Unit]) -> tuple[list[dict], Path]:
+    """The convs inside int8 `modules` whose float kernel onnxruntime's profile finds CONV_GAIN faster than their
+    int8 one (or no slower, when float in `previous`), tried in float together: kept when the model is measurably
+    faster with them (twice for a new layout), as a module is. Why: a module is float or int8 whole, and a C2f's
+    8-channel convs at full resolution run slower in int8 (117 us against 86 in float on 80 x 80, AVX-512 VNNI)
+    while the 1x1 conv after them runs faster (16 against 35): per module the gain cancelled out (README)."""
+    on_int8, on_float = node_us(current, x, work), node_us(fp32, x, work)
+
+    def at(times: dict[str, float], unit: str) -> float:
+        return sum(t for name, t in times.items() if name.startswith(unit_prefix(unit)))
+
+    rows = [{"unit": u, "int8_us": at(on_int8, u), "float_us": at(on_float, u), "float": False, "why": ""}
+            for u in conv_units(fp32, modules)]
+    tried = [r for r in rows if r["float_us"] < (1 - CONV_GAIN) * r["int8_us"]
+             or (r["unit"] in previous and r["float_us"] <= r["int8_us"])]
+    if not tried:
+        return [], current
+    units = [r["unit"] for r in tried]
+    trial = variant("convs", chosen + units)
+    held = all(u in previous for u in units)
+    base_ms, delta = paired_ms(current, trial, x)
+    if faster_in_float(delta, base_ms, False) and not held:  # a new layout: measured twice
+        base_ms, again = paired_ms(current, trial, x)
+        delta = max(delta, again)
+    if not faster_in_float(delta, base_ms, held):
+        trial.unlink()
+        for r in tried:
+            r["why"] = f"float kernel {r['float_us']:.0f} us against {r['int8_us']:.0f}, but the model with " \
+                       f"{len(tried)} such convs float was not faster ({delta:+.3f} ms)"
+        return tried, current
+    current.unlink()
+    for r in tried:
+        r["float"] = True
+        r["why"] = (f"float kernel {r['float_us']:.0f} us against {r['int8_us']:.0f} int8; the model with these "
+                    f"{len(tried)} convs float {delta:+.3f} ms")
+    return tried, trial.rename(work / "current.onnx")

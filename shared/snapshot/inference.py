@@ -91,16 +91,19 @@ def decode(raw: np.ndarray, s: NmsSettings) -> np.ndarray:
     return np.concatenate([xyxy[keep], score[keep, None], cls[keep, None].astype(np.float32)], 1)
 
 
-def session(model: Path | str, threads: int = 1, optimized: bool = True):
+def session(model: Path | str, threads: int = 1, optimized: bool = True, profile: str = ""):
     """An onnxruntime CPU session as a camera runs it: `threads` intra-op threads, sequential execution.
     optimized=False runs the graph as written (a QDQ model's quantize/dequantize pairs in float arithmetic, no
-    integer kernels): the quantizer's own definition of the int8 model, a reference for comparing CPUs."""
+    integer kernels): the quantizer's own definition of the int8 model, a reference for comparing CPUs.
+    `profile`: onnxruntime's profiler on, its file named from this prefix (per-node kernel times)."""
     import onnxruntime as ort  # here, so that importing this module for letterbox alone stays light
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     if not optimized:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if profile:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile
     return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
 
 
