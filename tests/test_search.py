@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from server.snapshots import costmodel, precision
-from server.snapshots.export import export_onnx, float_nodes, quantize
-from server.snapshots.pipeline import calibration_frames, make_snapshot
+from server.snapshots.export import export_onnx, float_nodes, quantize, unit_order
+from server.snapshots.pipeline import calibration_frames, float_reasons, make_snapshot
 from server.snapshots.registry import Registry
 from server.snapshots import search
 from server.snapshots.export import GraphReport
@@ -137,6 +139,10 @@ def test_a_conv_inside_a_module_is_kept_float_alone_and_only_when_the_model_is_f
         rows, now = precision.faster_convs(fp32, current, precision.layer_indices(fp32), [], x, tmp_path, variant, [])
         assert [(r["unit"], r["float"]) for r in rows] == [(unit, faster)] and rows[0]["why"]
         assert (now != current) == faster and now.exists() and current.exists() != faster
+    # the manifest gives the reason of each float module and conv alike, keyed as text (its JSON sorts the keys)
+    why = float_reasons({"layers": [{"index": 0, "float": True, "why": "a"}, {"index": 1, "float": False, "why": ""}],
+                         "convs": [{"unit": unit, "float": True, "why": "b"}]}, unit_order([unit, 0]))
+    assert why == {"0": "a", unit: "b"} and json.loads(json.dumps(why, sort_keys=True)) == why
 
 
 def test_each_concat_quantizes_its_inputs_and_output_on_one_scale(trained, tmp_path):

@@ -82,6 +82,14 @@ def privacy_of(checkpoint: str) -> dict:
     return dict(meta.get("privacy", {}) or {})
 
 
+def float_reasons(chosen: dict, float_layers) -> dict[str, str]:
+    """Why each float unit is float (precision.Precision.as_dict's record), keyed by the unit as text: modules ("2")
+    and convs inside int8 modules ("2/m.0/cv1") in one JSON object."""
+    units = [(x["index"], x) for x in chosen.get("layers", [])] + [(x["unit"], x) for x in chosen.get("convs", [])]
+    listed = {str(u) for u in float_layers} if isinstance(float_layers, list) else set()
+    return {str(u): x["why"] for u, x in units if x["float"] and str(u) in listed}
+
+
 def held_float_layers(registry: Registry, target: str) -> list[int]:
     """The float layers of the channel's current snapshot for `target` (an int in the manifest: the first N), which
     the next one keeps while float is no slower (precision.faster_in_float)."""
@@ -127,11 +135,7 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
                             nms={"iou": settings.iou, "max_det": settings.max_det},
                             extra={"prune_ratio": cand.ratio, "params": cand.params, "params_unpruned": params_unpruned,
                                    "method": s.method, "float_layers": cand.float_layers,
-                                   "float_layers_why": {**{x["index"]: x["why"] for x in
-                                                           cand.precision.get("layers", []) if x["float"]},
-                                                        **{x["unit"]: x["why"] for x in
-                                                           cand.precision.get("convs", [])
-                                                           if x["float"] and x["unit"] in cand.float_layers}},
+                                   "float_layers_why": float_reasons(cand.precision, cand.float_layers),
                                    "precision": cand.precision, "int8_convs": cand.graph.int8_convs,
                                    "float_convs": cand.graph.float_convs, "cluster": s.cluster,
                                    "cluster_fit": s.cluster_fit if s.cluster else None,
