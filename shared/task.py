@@ -114,6 +114,9 @@ def distill_fit(student, teacher, data_yaml, cfg: Config, spec: TrainSpec, seed:
     """fit() with the configured distillation terms from `teacher` added to the detection loss."""
     from shared.distill import Distiller, weights_from
 
+    # The adapters' random start comes from the seed too, not from whatever drew on torch's RNG before this call: a
+    # snapshot search's steps recovered differently from run to run (README: searched compression).
+    torch.manual_seed(cfg.seed if seed is None else seed)
     distiller = Distiller(teacher, student, weights_from(cfg.distill), cfg.data.imgsz)
     return fit(student, data_yaml, cfg, spec, seed, distiller.extra_loss(), progress, aux=distiller.adapters,
                extra_samples=extra_samples, anchor=anchor, correction=correction)

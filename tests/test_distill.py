@@ -110,6 +110,25 @@ def test_short_distillation_lowers_the_distillation_loss(tiny_cfg, tiny_world, t
     assert distill_loss() < 0.85 * before
 
 
+def test_distillation_from_one_start_and_seed_gives_one_student_whatever_ran_before(tiny_cfg, tiny_world,
+                                                                                   tiny_student):
+    """distill_fit is a function of its inputs and seed: the adapters' random start (a wider teacher's features
+    reach the student through learned 1x1 convs) does not depend on what drew on torch's RNG before it."""
+    cfg = tiny_cfg.replace(**{"data.root": str(tiny_world), "model.teacher-scale": "n", "train.augment": False})
+    teacher = models.build_teacher(cfg.model, cfg.data.names).eval()
+    assert Distiller(teacher, tiny_student, DistillWeights(), cfg.data.imgsz).adapters  # there are adapters
+    spec = TrainSpec(epochs=1, lr=1e-3, optimizer="AdamW", det_weight=0.0)
+    students = []
+    for draws in (0, 1000):
+        torch.rand(draws)  # some earlier work in the same process
+        student = copy.deepcopy(tiny_student)
+        task.distill_fit(student, teacher, task.base_yaml(cfg), cfg, spec, seed=3)
+        students.append(student.state_dict())
+    start = tiny_student.state_dict()
+    moved = [k for k, v in students[0].items() if v.is_floating_point() and not torch.equal(v, start[k])]
+    assert moved and all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+
+
 def test_client_with_a_teacher_trains_on_pseudo_labelled_pool(tiny_cfg, tiny_world, tiny_student, tmp_path):
     from client import camera
 
