@@ -130,7 +130,8 @@ def shared_concat_ranges(pre: Path, ranges: Ranges) -> Ranges:
     and so do the two sides of an op the quantizer gives its input's scale: a Slice feeding a Concat, a Resize).
     Why: onnxruntime's QLinearConcat copies an input whose scale and zero point equal the output's and otherwise
     requantizes it through a lookup table; with NHWC layouts both are per-pixel, and the copies cost less (measured
-    on a 50 % pruned student at 320 px, 1 thread: 2-3 % of the frame; mAP50 0.6993 against 0.7000 unpruned)."""
+    on a 50 % pruned student at 320 px, 1 thread: 3.8 % of the frame; int8 mAP50 within +-0.003 on five
+    checkpoints: README)."""
     parent: dict[str, str] = {}
 
     def root(t: str) -> str:

@@ -90,7 +90,7 @@ def float_reasons(chosen: dict, float_layers) -> dict[str, str]:
     return {str(u): x["why"] for u, x in units if x["float"] and str(u) in listed}
 
 
-def held_float_layers(registry: Registry, target: str) -> list[int]:
+def held_float_layers(registry: Registry, target: str) -> list:
     """The float layers of the channel's current snapshot for `target` (an int in the manifest: the first N), which
     the next one keeps while float is no slower (precision.faster_in_float)."""
     before = registry.latest_manifest()
