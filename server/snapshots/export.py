@@ -91,9 +91,14 @@ def unit_prefix(unit: Unit) -> str:
     return f"/model.{unit}/"
 
 
+def unit_module(unit: Unit) -> int:
+    """The module a unit is or lies in."""
+    return int(str(unit).split("/")[0])
+
+
 def unit_order(units: Iterable[Unit]) -> list[Unit]:
     """Modules and convs in graph order by module, a module before the convs inside it (JSON keeps int and str)."""
-    return sorted(units, key=lambda u: (int(str(u).split("/")[0]), isinstance(u, str), str(u)))
+    return sorted(units, key=lambda u: (unit_module(u), isinstance(u, str), str(u)))
 
 
 def float_nodes(onnx_path: Path, layers: int | Iterable[Unit] = 0) -> list[str]:
@@ -110,7 +115,7 @@ def float_nodes(onnx_path: Path, layers: int | Iterable[Unit] = 0) -> list[str]:
     branch = re.compile(rf"/model\.{head}/cv[23]\.\d+/")
     decode = [n.name for n in graph.node if n.name.startswith(f"/model.{head}/") and not branch.match(n.name)]
     chosen = range(layers) if isinstance(layers, int) else layers
-    stem = tuple(unit_prefix(u) for u in chosen if int(str(u).split("/")[0]) < head)
+    stem = tuple(unit_prefix(u) for u in chosen if unit_module(u) < head)
     early = [n.name for n in graph.node if stem and n.name.startswith(stem)]
     return [n for n in convs if keep_float.search(n)] + decode + early
 

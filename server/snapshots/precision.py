@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 
 from server.snapshots import costmodel
-from server.snapshots.export import (Unit, float_nodes, pre_process, quantize, runs_integer_kernels, unit_order,
-                                    unit_prefix)
+from server.snapshots.export import (Unit, float_nodes, pre_process, quantize, runs_integer_kernels, unit_module,
+                                    unit_order, unit_prefix)
 from shared.snapshot.calibration import activation_ranges
 from shared.snapshot.inference import session
 
@@ -210,7 +210,7 @@ def choose(fp32: Path, frames: np.ndarray, target: str, work: Path, budget: floa
     for path in work.glob("*.onnx"):
         path.unlink()
     modules = [x.index for x in report if x.float]
-    inside = [c["unit"] for c in convs if c["float"] and int(c["unit"].split("/")[0]) not in modules]
+    inside = [c["unit"] for c in convs if c["float"] and unit_module(c["unit"]) not in modules]
     return Precision(unit_order(modules + inside), int8_ms, report, time.perf_counter() - t_start, convs)
 
 
