@@ -127,7 +127,8 @@ def pre_process(fp32: Path, out: Path) -> Path:
 
 
 # Ops whose int8 output the quantizer puts on their input's scale (onnxruntime.quantization's QDQ registry)
-SAME_AS_INPUT = ("Slice", "Split", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "MaxPool", "Resize", "Pad")
+SAME_AS_INPUT = ("Slice", "Split", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "MaxPool", "Resize",
+                 "Pad")
 
 
 def shared_concat_ranges(pre: Path, ranges: Ranges) -> Ranges:
