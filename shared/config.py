@@ -93,6 +93,7 @@ class SnapshotConfig:
     round_to: int
     importance: str
     recover_epochs: int
+    recover_ema: float
     float_layers: str  # "auto" (chosen from measured sensitivity and latency) or a count: read it with .first_float
     float_budget: float
     latency_target: str
@@ -118,6 +119,8 @@ class SnapshotConfig:
             raise ValueError(f"config key 'snapshot.cluster-per': '{self.cluster_per}' is neither channel nor layer")
         if self.cluster_fit not in ("outputs", "weights"):
             raise ValueError(f"config key 'snapshot.cluster-fit': '{self.cluster_fit}' is neither outputs nor weights")
+        if not 0.0 <= self.recover_ema < 1.0:
+            raise ValueError(f"config key 'snapshot.recover-ema': {self.recover_ema} is not in [0, 1) (0: off)")
         if self.importance not in ("magnitude", "taylor"):
             raise ValueError(f"config key 'snapshot.importance': '{self.importance}' is neither 'magnitude' nor 'taylor'")
         for key, value, check in (("prune-ratio", self.prune_ratio, lambda v: 0.0 <= float(v) < 1.0),

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
+from ultralytics.utils.torch_utils import ModelEMA
 
 from shared.config import FedConfig, TrainConfig
 
@@ -30,6 +31,7 @@ class TrainSpec:
     proximal_mu: float = 0.0
     grad_clip: float = 10.0
     det_weight: float = 1.0  # 0 trains on the extra (distillation) loss alone
+    ema: float = 0.0  # > 0: the model ends as Ultralytics' EMA of its weights after each step, at this decay
 
     @classmethod
     def central(cls, t: TrainConfig, **kw) -> "TrainSpec":
@@ -60,6 +62,10 @@ CONTROL = "control"  # SCAFFOLD: the train message's ArrayRecord of control vari
 def round_seed(seed: int, rnd: int) -> int:
     """The seed of round `rnd` (sampling and local training), so a resumed run replays the same draws."""
     return seed * 100_003 + rnd
+
+
+EMA_RAMP = 1.0  # steps: ModelEMA's decay ramps in as 1 - exp(-step / EMA_RAMP) (Ultralytics: 2000: long runs)
+EMA_SPAN = 5  # the EMA's window, 1 / (1 - decay) steps, spans at most 1 / EMA_SPAN of a run: short runs forget the start
 
 
 @dataclass
@@ -156,6 +162,9 @@ def train(model, loader, spec: TrainSpec, extra_loss: ExtraLoss | None = None,
     params = [p for p in model.parameters() if p.requires_grad]
     grad_sum = [torch.zeros_like(p) for p in params] if correction is not None else None
     result, start = TrainResult(), time.perf_counter()
+    # An average of the last ~1 / (1 - ema) steps' weights: a short recovery's end point spreads by its last steps'
+    # noise (README, searched compression)
+    ema = ModelEMA(model, decay=min(spec.ema, 1 - EMA_SPAN / total), tau=EMA_RAMP) if spec.ema > 0 else None
     set_train_mode(model, spec.freeze_bn)
     if aux is not None:
         aux.train()
@@ -184,11 +193,15 @@ def train(model, loader, spec: TrainSpec, extra_loss: ExtraLoss | None = None,
                         p.grad += c
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(model)
             result.steps += 1
             result.examples += batch["img"].shape[0]
             result.losses.append(loss.item())
             if progress:
                 progress(result.steps, total, result.losses[-1])
+    if ema is not None and result.steps:
+        model.load_state_dict(ema.ema.state_dict())
     model.eval()
     if grad_sum is not None:
         result.mean_grad = [g / max(1, result.steps) for g in grad_sum]

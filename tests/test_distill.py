@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from shared import models, task
 from shared.distill import DistillError, DistillWeights, Distiller, pseudo_label
 from shared.evaluate import TorchPredictor
 from shared.snapshot.inference import NmsSettings
-from shared.train import TrainSpec, local_plan, to_float
+from shared.train import EMA_RAMP, EMA_SPAN, TrainSpec, local_plan, to_float
 
 TERMS = ("response", "box", "feature", "attention")
 
@@ -127,6 +128,27 @@ def test_distillation_from_one_start_and_seed_gives_one_student_whatever_ran_bef
     start = tiny_student.state_dict()
     moved = [k for k, v in students[0].items() if v.is_floating_point() and not torch.equal(v, start[k])]
     assert moved and all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+
+
+def test_with_ema_training_ends_at_the_ramped_average_of_the_weights_after_each_step(tiny_cfg, tiny_world,
+                                                                                    tiny_student):
+    """spec.ema (snapshot recovery): the model ends at Ultralytics' EMA of its weights after every step, started
+    from where it began, not at the last step's weights; its window spans at most a fifth of the steps."""
+    cfg = tiny_cfg.replace(**{"data.root": str(tiny_world), "train.augment": False})
+    model, after = copy.deepcopy(tiny_student), []
+    spec = TrainSpec(epochs=4, lr=1e-3, optimizer="AdamW", ema=0.9)
+    task.fit(model, task.base_yaml(cfg), cfg, spec,
+             progress=lambda *_: after.append({k: v.clone() for k, v in model.state_dict().items()}))
+    expect = {k: v.clone() for k, v in tiny_student.state_dict().items() if v.is_floating_point()}
+    decay = min(0.9, 1 - EMA_SPAN / len(after))
+    for step, weights in enumerate(after, 1):
+        d = decay * (1 - math.exp(-step / EMA_RAMP))
+        for k, v in expect.items():
+            v.mul_(d).add_(weights[k], alpha=1 - d)
+    end = model.state_dict()
+    assert len(after) >= 10 and all(torch.allclose(end[k], v, atol=1e-6) for k, v in expect.items())
+    moved = [k for k in expect if not torch.allclose(after[-1][k], end[k], atol=1e-4)]
+    assert any(k.endswith("conv.weight") for k in moved)  # not the last step's weights
 
 
 def test_client_with_a_teacher_trains_on_pseudo_labelled_pool(tiny_cfg, tiny_world, tiny_student, tmp_path):

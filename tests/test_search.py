@@ -20,7 +20,8 @@ from shared.evaluate import EvalResult
 def test_snapshot_config_is_validated(tiny_cfg):
     for key, bad in (("snapshot.prune-ratio", "most"), ("snapshot.prune-ratio", "1.5"), ("snapshot.float-layers", "x"),
                      ("snapshot.search-ratios", "0.5,0.25"), ("snapshot.search-ratios", "0.5,1.0"),
-                     ("snapshot.latency-target", "cortex-m4"), ("snapshot.cluster-fit", "kmeans")):
+                     ("snapshot.latency-target", "cortex-m4"), ("snapshot.cluster-fit", "kmeans"),
+                     ("snapshot.recover-ema", 1.0), ("snapshot.recover-ema", -0.5)):
         with pytest.raises(ValueError, match=key.split(".")[1]):
             tiny_cfg.replace(**{key: bad})
     auto = tiny_cfg.replace(**{"snapshot.prune-ratio": "auto", "snapshot.float-layers": "auto"}).snapshot

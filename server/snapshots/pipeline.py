@@ -191,6 +191,7 @@ def recover(model, teacher, cfg: Config, epochs: int, seed: int | None = None, p
     """Train a pruned `model` in place for `epochs` by distillation from `teacher` on the server's frames."""
     # Distillation alone (det_weight 0): the server's labels are of its base domain, and training on them pulls
     # the student away from the cameras' domains (measured: README, "Snapshots and devices").
-    spec = TrainSpec.central(cfg.train, epochs=epochs, lr=cfg.train.lr / 2, warmup_steps=0, det_weight=0.0)
+    spec = TrainSpec.central(cfg.train, epochs=epochs, lr=cfg.train.lr / 2, warmup_steps=0, det_weight=0.0,
+                             ema=cfg.snapshot.recover_ema)
     task.distill_fit(model, copy.deepcopy(teacher), task.base_yaml(cfg), cfg, spec, seed, progress=progress)
     return model
