@@ -64,8 +64,8 @@ def round_seed(seed: int, rnd: int) -> int:
     return seed * 100_003 + rnd
 
 
-EMA_RAMP = 1.0  # steps: ModelEMA's decay ramps in as 1 - exp(-step / EMA_RAMP) (Ultralytics: 2000: long runs)
-EMA_SPAN = 5  # the EMA's window, 1 / (1 - decay) steps, spans at most 1 / EMA_SPAN of a run: short runs forget the start
+EMA_RAMP = 1.0  # steps: ModelEMA's decay ramps in as 1 - exp(-step / EMA_RAMP) (Ultralytics: 2000, for long runs)
+EMA_SPAN = 5  # the EMA's window, 1 / (1 - decay) steps, spans at most 1 / EMA_SPAN of a run (short runs forget)
 
 
 @dataclass
