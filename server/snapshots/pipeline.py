@@ -171,11 +171,12 @@ def unpruned_params(model) -> int:
 
 
 def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None, progress: Progress | None = None,
-                   teacher=None, epochs: int | None = None):
+                   teacher=None, epochs: int | None = None, ema: float = 0.0):
     """A copy of `dense` with `ratio` of its channels pruned, ranked by snapshot.importance (taylor: on the server's
     labelled frames), recovered for `epochs` (default snapshot.recover-epochs) by distillation from `teacher`
     (default `dense`) on the server's frames (seeded). Used by snapshots (`dense` itself stays as it is), their
-    search (a step of a model already pruned, distilled from the dense one) and by the warm start."""
+    search (a step of a model already pruned, distilled from the dense one) and by the warm start; `ema` as in
+    recover()."""
     s, batches = cfg.snapshot, None
     epochs = s.recover_epochs if epochs is None else epochs
     if s.importance == "taylor":
@@ -183,15 +184,16 @@ def pruned_student(dense, ratio: float, cfg: Config, seed: int | None = None, pr
         batches = itertools.islice(loader, TAYLOR_BATCHES)
     model = prune(dense, ratio, cfg.data.imgsz, s.round_to, batches)
     if ratio > 0 and epochs > 0:
-        recover(model, teacher if teacher is not None else dense, cfg, epochs, seed, progress)
+        recover(model, teacher if teacher is not None else dense, cfg, epochs, seed, progress, ema)
     return model
 
 
-def recover(model, teacher, cfg: Config, epochs: int, seed: int | None = None, progress: Progress | None = None):
-    """Train a pruned `model` in place for `epochs` by distillation from `teacher` on the server's frames."""
+def recover(model, teacher, cfg: Config, epochs: int, seed: int | None = None, progress: Progress | None = None,
+            ema: float = 0.0):
+    """Train a pruned `model` in place for `epochs` by distillation from `teacher` on the server's frames; with
+    `ema` > 0 it ends on an EMA of its weights at that decay (snapshot.recover-ema: the search's later steps)."""
     # Distillation alone (det_weight 0): the server's labels are of its base domain, and training on them pulls
     # the student away from the cameras' domains (measured: README, "Snapshots and devices").
-    spec = TrainSpec.central(cfg.train, epochs=epochs, lr=cfg.train.lr / 2, warmup_steps=0, det_weight=0.0,
-                             ema=cfg.snapshot.recover_ema)
+    spec = TrainSpec.central(cfg.train, epochs=epochs, lr=cfg.train.lr / 2, warmup_steps=0, det_weight=0.0, ema=ema)
     task.distill_fit(model, copy.deepcopy(teacher), task.base_yaml(cfg), cfg, spec, seed, progress=progress)
     return model
