@@ -56,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"instruction sets: {isa_summary()}", flush=True)
     run = RunDir(args.run)
-    cfg = load_config({**run.overrides(), "resume": True, "snapshot.recover-ema": 0.0})
+    cfg = load_config({**run.overrides(), "resume": True})
     task.set_threads(cfg.train.threads)
     decays = [float(d) for d in args.decays.split(",")]
     frames = calibration_frames(cfg)
@@ -69,6 +69,7 @@ def main() -> None:
         model = copy.deepcopy(model)
         estimate_bn_stats(model, base)
         return model
+
     with tempfile.TemporaryDirectory() as tmp:
         def scores(model) -> list[float]:  # fp32 and int8 mAP50 on the cameras' val, as the gate scores
             fp = export.export_onnx(model, Path(tmp) / "fp32.onnx", cfg.data.imgsz, {})
