@@ -21,6 +21,7 @@ from server.snapshots.registry import Registry  # noqa: E402
 from shared import model_files, task  # noqa: E402
 from shared.config import load_config  # noqa: E402
 from shared.cpu_isa import isa_summary  # noqa: E402
+from shared.evaluate import TorchPredictor, evaluate  # noqa: E402
 from shared.run_dir import RunDir  # noqa: E402
 
 
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=50, help="timed runs per model and timing round")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds; the median of their p50s is reported")
     ap.add_argument("--no-fixed", action="store_true", help="leave out the fixed recipe (48 epochs of recovery)")
+    ap.add_argument("--dense-run", default="", help="a twin run whose rounds trained the unpruned student (--set "
+                    "model.student-prune=0): with --run pruned before its rounds, the ratios against its dense model")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override of the search")
     args = ap.parse_args()
     print(f"instruction sets: {isa_summary()}", flush=True)
@@ -78,6 +81,10 @@ def main() -> None:
         ul = ultralytics_exports(student, work, args.imgsz, task.base_yaml(cfg), False)["ultralytics fp32"]
         ul_small = ultralytics_exports(student, work, cfg.data.imgsz, task.base_yaml(cfg), False)["ultralytics fp32"]
         at["ultralytics fp32"] = (ul, map50(ul_small, cfg, held, names), float("nan"))
+        twin = None if not args.dense_run else dense_twin(Path(args.dense_run), args.round, cfg, held, names, work,
+                                                          args.imgsz)
+        if twin is not None:
+            at["UL fp32, dense twin"] = (twin[0], twin[1], float("nan"))
         paths = {n: v[0] for n, v in at.items()}
         print(f"\n{'model':<26}{'thr':>4}{'p50 ms':>9}{'x UL':>7}{'MB':>7}{'mAP50':>8}{'of fp32':>9}{'A7 est ms':>11}")
         for threads in (1, 2):
@@ -86,8 +93,27 @@ def main() -> None:
             for n, (path, m, a7) in at.items():
                 print(f"{n:<26}{threads:>4}{p50[n]:>9.2f}{p50['ultralytics fp32'] / p50[n]:>7.2f}"
                       f"{path.stat().st_size / 1e6:>7.2f}{m:>8.3f}{m / result.manifest.map50_fp32:>9.1%}{a7:>11.1f}")
+            if twin is not None:  # the whole compression, pruning before the rounds included
+                for n in at:
+                    print(f"  {n}: {p50['UL fp32, dense twin'] / p50[n]:.2f}x the dense twin's UL fp32, "
+                          f"{at[n][1] / twin[2]:.1%} of its fp32 mAP50 ({twin[2]:.3f})")
         print(f"(latency at {args.imgsz} px, steady timing, median of {args.rounds} rounds; mAP50 on the held-out "
               f"camera val at {cfg.data.imgsz} px; A7: the cost model's estimate, one core)")
+
+
+def dense_twin(run: Path, rnd: int, cfg, held, names, work: Path, imgsz: int) -> tuple[Path, float, float]:
+    """The twin run's dense global model of the same round: Ultralytics' fp32 export at the timing size, that
+    export's mAP50, and the model's own fp32 mAP50 (as the gate scores the dense student)."""
+    checkpoints = RunCheckpoints(run)
+    path = checkpoints.dir / f"global_r{rnd:04d}.pt" if rnd else checkpoints.latest_weights()
+    model = model_files.open_model(path).model
+    ref = evaluate(TorchPredictor(model, task.nms_settings(cfg)), task.make_loader(held, "val", cfg, False), names)
+    twin = work / "twin"
+    twin.mkdir()
+    ul = ultralytics_exports(model, twin, imgsz, task.base_yaml(cfg), False)["ultralytics fp32"]
+    ul_small = ultralytics_exports(model, twin, cfg.data.imgsz, task.base_yaml(cfg), False)["ultralytics fp32"]
+    print(f"dense twin {path}: fp32 mAP50 {ref.map50:.3f}")
+    return ul, map50(ul_small, cfg, held, names), ref.map50
 
 
 if __name__ == "__main__":
