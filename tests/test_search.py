@@ -146,6 +146,41 @@ def test_a_conv_inside_a_module_is_kept_float_alone_and_only_when_the_model_is_f
     assert why == {"0": "a", unit: "b"} and json.loads(json.dumps(why, sort_keys=True)) == why
 
 
+def test_marginal_latency_picks_stay_float_only_when_together_they_make_the_model_faster(trained, tmp_path,
+                                                                                        monkeypatch):
+    """The float layers and convs picked for small gains (each < CONFIRM_GAIN of the model's time, new in this layout)
+    are timed together against the layout without them: kept when that says faster by MIN_GAIN, else back to int8,
+    their records cleared. A large pick and a layer float in the previous snapshot are not put to that test. The
+    verdict of the timing is set by rule; the graphs are real."""
+    cfg, model, _ = trained
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", cfg.data.imgsz, {})
+    unit = next(u for u in precision.conv_units(fp32, precision.layer_indices(fp32)) if "/m.0/" in u)
+    frames, built = calibration_frames(cfg), {}
+    x = np.zeros((1, 3, cfg.data.imgsz, cfg.data.imgsz), np.float32)
+
+    def variant(name, layers):
+        built[name] = list(layers)
+        return quantize(fp32, tmp_path / f"{name}.onnx", frames, "x86", float_layers=layers)
+
+    g = precision.CONFIRM_GAIN
+    for delta, previous, kept in ((0.0, (), False), (-0.1, (), True), (0.0, (3,), False)):
+        report = [precision.Layer(0, 0.01, -2 * g, True, "big"), precision.Layer(3, 0.01, -g / 2, True, "small"),
+                  precision.Layer(5, 0.01, 0.01)]
+        convs = [{"unit": unit, "int8_us": 100.0, "float_us": 10.0, "float": True, "why": "profile"}]
+        current = variant("current", [0, 3, unit])
+        monkeypatch.setattr(precision, "paired_ms", lambda a, b, x, runs=64: (1.0, delta))
+        got = precision.confirmed(report, convs, current, 1.0, x, variant, previous)
+        marginal = [unit] if previous else [3, unit]
+        assert got["units"] == marginal and got["kept"] == kept and current.exists()
+        assert built["without"] == [i for i in (0, 3) if i not in marginal]
+        assert (tmp_path / "without.onnx").exists() is False
+        held = kept or 3 in previous
+        assert [(m.index, m.float, bool(m.why)) for m in report] == [(0, True, True), (3, held, held),
+                                                                    (5, False, False)]
+        assert (convs[0]["float"], bool(convs[0]["why"])) == (kept, kept)
+    assert precision.confirmed([precision.Layer(0, 0.01, -2 * g, True, "big")], [], current, 1.0, x, variant, ()) == {}
+
+
 def test_each_concat_quantizes_its_inputs_and_output_on_one_scale(trained, tmp_path):
     """onnxruntime's QLinearConcat copies an input on the output's scale (and requantizes any other): quantize puts
     every Concat's inputs and output on one range, their union."""
