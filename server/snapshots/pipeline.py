@@ -16,6 +16,7 @@ import torch
 
 from server.snapshots import costmodel, search
 from server.snapshots.export import float_nodes, runs_integer_kernels
+from server.snapshots.precision import paired_ms
 from server.snapshots.prune import prune
 from server.snapshots.registry import Registry, now_iso
 from shared import models, task
@@ -31,6 +32,7 @@ from shared.train import Progress, TrainSpec
 
 log = logging.getLogger("fedcam.server")
 # (stage, done, total): what the snapshot is doing, for progress bars (e.g. "prune 25%: recovering", 40, 120).
+COMPARE_RUNS = 128  # paired runs when the search weighs a passing candidate against the best one (about 1 s)
 TAYLOR_BATCHES = 8  # labelled base-domain batches whose loss gradients rank the channels (taylor importance)
 StageProgress = Callable[[str, int, int], None]
 within = search.within  # the gate, also the per-camera snapshots' (cameras.py)
@@ -57,6 +59,12 @@ def calibration_frames(cfg: Config, count: int | None = None) -> np.ndarray:
     """Real frames of the server's own data (default: snapshot.calib-frames), letterboxed as inference sees them."""
     loader = task.make_loader(task.base_yaml(cfg), "train", cfg, False, batch=count or cfg.snapshot.calib_frames)
     return next(iter(loader))["img"].numpy()
+
+
+def side_by_side(a: Path, b: Path, x: np.ndarray) -> float:
+    """b's time relative to a's, (b - a) / a, from paired runs on one thread (precision.paired_ms)."""
+    a_ms, delta = paired_ms(a, b, x, COMPARE_RUNS)
+    return delta / a_ms if a_ms > 0 else 0.0
 
 
 def latency_ms(path: Path, imgsz: int, runs: int = 30) -> float:
@@ -123,7 +131,9 @@ def make_snapshot(dense, cfg: Config, rnd: int, parent: str, registry: Registry,
             return search.candidate(model, ratio, epochs, cfg, frames, Path(tmp), metadata, say, dense,
                                     previous_float=previous_float, **kw)
 
-        out = search.run(dense, cfg, ref.map50, score, build, lambda path: latency_ms(path, imgsz), say)
+        x = np.ascontiguousarray(frames[:1], dtype=np.float32) / 255.0
+        out = search.run(dense, cfg, ref.map50, score, build, lambda path: latency_ms(path, imgsz), say,
+                         lambda a, b: side_by_side(a, b, x))
         cand, got = (out.best, out.best_score) if out.best is not None else (out.last, out.last_score)
         failed = [f"prune {t.ratio:.0%}: mAP50 {t.map50:.3f} int8 vs {ref.map50:.3f} fp32, {t.drop:.1%} lost > "
                   f"tolerance {s.tolerance:.0%}" for t in out.tried if not t.passed]
