@@ -53,16 +53,15 @@ def main() -> None:
         paths = {name: quantize(fp32, work / f"q{i}.onnx", frames, cfg.snapshot.target, "static", layers)
                  for i, (name, layers) in enumerate(layouts.items())}
         paths["fp32"] = fp32
+        first = next(n for n in layouts if n.startswith("choice 0"))
+        a, d = precision.paired_ms(paths["stem float"], paths[first], frames[:1].astype(np.float32) / 255, 256)
+        print(f"paired, 1 thread (as the choice times): stem float {a:.2f} ms, {first} {d:+.3f} ms against it")
         for threads in (1, 2):
             rounds = [latencies(paths, imgsz, threads, args.runs, "steady") for _ in range(args.rounds)]
             for name in paths:
                 p50s = [r[name][0] for r in rounds]
                 print(f"{threads} thr {name:<28} p50 {np.median(p50s):6.2f} ms (rounds: "
                       f"{', '.join(f'{t:.2f}' for t in p50s)})", flush=True)
-            a, d = precision.paired_ms(paths["stem float"], paths[next(n for n in layouts if n.startswith("choice 0"))],
-                                       frames[:1].astype(np.float32) / 255, 256) if threads == 1 else (0, 0)
-            if threads == 1:
-                print(f"paired (as the choice times): stem float {a:.2f} ms, choice 0 {d:+.3f} ms against it")
 
 
 if __name__ == "__main__":

@@ -31,9 +31,9 @@ from shared.snapshot.inference import Detector
 from shared.train import Progress, TrainSpec
 
 log = logging.getLogger("fedcam.server")
-# (stage, done, total): what the snapshot is doing, for progress bars (e.g. "prune 25%: recovering", 40, 120).
 COMPARE_RUNS = 128  # paired runs when the search weighs a passing candidate against the best one (about 1 s)
 TAYLOR_BATCHES = 8  # labelled base-domain batches whose loss gradients rank the channels (taylor importance)
+# (stage, done, total): what the snapshot is doing, for progress bars (e.g. "prune 25%: recovering", 40, 120).
 StageProgress = Callable[[str, int, int], None]
 within = search.within  # the gate, also the per-camera snapshots' (cameras.py)
 
