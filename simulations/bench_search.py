@@ -43,7 +43,7 @@ def main() -> None:
                        "snapshot.float-layers": "auto", **dict(s.split("=", 1) for s in args.set)})
     task.set_threads(cfg.train.threads)
     checkpoints = RunCheckpoints(run)
-    last = checkpoints.dir / f"global_r{args.round:04d}.pt" if args.round else checkpoints.latest_weights()
+    last = checkpoints.weights(args.round) if args.round else checkpoints.latest_weights()
     student = model_files.open_model(last).model
     names = [student.names[i] for i in sorted(student.names)]
     held = [task.camera_yaml(cfg, k) for k in task.eval_cameras(cfg)]
@@ -105,7 +105,7 @@ def dense_twin(run: Path, rnd: int, cfg, held, names, work: Path, imgsz: int) ->
     """The twin run's dense global model of the same round: Ultralytics' fp32 export at the timing size, that
     export's mAP50, and the model's own fp32 mAP50 (as the gate scores the dense student)."""
     checkpoints = RunCheckpoints(run)
-    path = checkpoints.dir / f"global_r{rnd:04d}.pt" if rnd else checkpoints.latest_weights()
+    path = checkpoints.weights(rnd) if rnd else checkpoints.latest_weights()
     model = model_files.open_model(path).model
     ref = evaluate(TorchPredictor(model, task.nms_settings(cfg)), task.make_loader(held, "val", cfg, False), names)
     twin = work / "twin"

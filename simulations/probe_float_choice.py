@@ -36,7 +36,7 @@ def main() -> None:
     cfg = load_config({**RunDir(run).overrides(), "resume": True})
     task.set_threads(cfg.train.threads)
     checkpoints = RunCheckpoints(run)
-    last = checkpoints.dir / f"global_r{args.round:04d}.pt" if args.round else checkpoints.latest_weights()
+    last = checkpoints.weights(args.round) if args.round else checkpoints.latest_weights()
     dense = model_files.open_model(last).model
     model = pruned_student(dense, args.ratio, cfg, epochs=0) if args.ratio > 0 else dense
     frames, imgsz = calibration_frames(cfg), cfg.data.imgsz

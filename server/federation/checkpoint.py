@@ -26,7 +26,7 @@ class RunCheckpoints:
     def save(self, rnd: int, arrays: ArrayRecord, state: dict[str, np.ndarray], progress: RoundsDone,
              model_yaml: dict, names: list[str], **meta) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
-        weights = self.dir / f"global_r{rnd:04d}.pt"
+        weights = self.weights(rnd)
         blob = checkpoint_blob(model_yaml, names, dict(to_state_dict(arrays)), round=rnd, strategy=progress.strategy,
                                **meta)
         _atomic(weights, lambda p: torch.save(blob, p))
@@ -39,7 +39,7 @@ class RunCheckpoints:
         return read_progress(self.dir.parent)
 
     def load(self, rnd: int) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
-        weights = self.dir / f"global_r{rnd:04d}.pt"
+        weights = self.weights(rnd)
         if not weights.exists():
             raise FileNotFoundError(f"checkpoint of round {rnd} missing: {weights}")
         blob = torch.load(weights, map_location="cpu", weights_only=True)
@@ -48,9 +48,13 @@ class RunCheckpoints:
             state = {k: z[k] for k in z.files}
         return to_record(state_dict), state
 
+    def weights(self, rnd: int) -> Path:
+        """The global model's file of round `rnd` (it may not exist)."""
+        return self.dir / f"global_r{rnd:04d}.pt"
+
     def latest_weights(self) -> Path | None:
         p = self.progress()
-        return self.dir / f"global_r{p.round:04d}.pt" if p else None
+        return self.weights(p.round) if p else None
 
 
 def _atomic(path: Path, write, suffix: str = "") -> None:
