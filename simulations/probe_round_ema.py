@@ -6,7 +6,6 @@ Evaluation only: `probe_round_ema.py RUN_DIR [--betas 0,0.5,0.7]`; pooled camera
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -38,8 +37,8 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--betas", default="0,0.5,0.7", help="weights of the previous average (0: the round's model)")
     args = ap.parse_args()
+    cfg = load_config({**RunDir(args.run_dir).overrides(), "resume": True})
     print(f"instruction sets: {isa_summary()}", flush=True)
-    cfg = load_config({**json.loads(RunDir(args.run_dir).config.read_text()), "resume": True})
     task.set_threads(cfg.train.threads)
     ckpt, rounds = RunCheckpoints(args.run_dir), cfg.fed.rounds
     yamls = [task.camera_yaml(cfg, k) for k in task.eval_cameras(cfg)]
