@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from shared.env import setup_offline
 
 setup_offline()  # the offline variables, before any library reads them
