@@ -183,10 +183,11 @@ def main() -> None:
     ensure_world(cfg)
     head = time.perf_counter() - t0
     cams = sorted(int(p.name[3:]) for p in (out / "world").glob("cam[0-9]*"))
-    probe = next(k for k in range(biggest) if k not in cams)
+    probe = next((k for k in range(biggest) if k not in cams), None)  # None: a world this size was made before
     t0 = time.perf_counter()
-    ensure_camera(out / "world", probe)
-    per_camera = time.perf_counter() - t0
+    if probe is not None:
+        ensure_camera(out / "world", probe)
+    per_camera = time.perf_counter() - t0 if probe is not None else float("nan")
     print(f"world: world.json + base {head:.1f}s; one camera {per_camera:.2f}s on first use "
           f"(all {biggest} up front would take {head + biggest * per_camera:.0f}s)", flush=True)
     # The starting student is made before any timed run: the direct twin does not train it, and the first simulation
