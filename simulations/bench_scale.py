@@ -183,11 +183,12 @@ def main() -> None:
     ensure_world(cfg)
     head = time.perf_counter() - t0
     cams = sorted(int(p.name[3:]) for p in (out / "world").glob("cam[0-9]*"))
-    probe = next((k for k in range(biggest) if k not in cams), None)  # None: a world this size was made before
-    t0 = time.perf_counter()
+    probe = next((k for k in range(biggest) if k not in cams), None)
+    per_camera = float("nan")  # a world this size made before has no camera left to time
     if probe is not None:
+        t0 = time.perf_counter()
         ensure_camera(out / "world", probe)
-    per_camera = time.perf_counter() - t0 if probe is not None else float("nan")
+        per_camera = time.perf_counter() - t0
     print(f"world: world.json + base {head:.1f}s; one camera {per_camera:.2f}s on first use "
           f"(all {biggest} up front would take {head + biggest * per_camera:.0f}s)", flush=True)
     # The starting student is made before any timed run: the direct twin does not train it, and the first simulation
