@@ -19,22 +19,41 @@ import shared
 ROOT = Path(shared.__file__).resolve().parents[1]
 
 
+def build_fab(app: Path, out: Path) -> Path:
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-m", "flwr.cli.app", "build", "--app", str(app)], cwd=out,
+                          capture_output=True, text=True, timeout=120, env={"FLWR_HOME": str(out / "flwr"),
+                                                                             "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    (fab,) = out.glob("*.fab")
+    return fab
+
+
 def test_fab_holds_only_server_client_shared(tmp_path):
     # Flower wants the app folder named like an app (letters, digits, hyphens); a checkout may be named
     # anything, so build a copy of it (tests, simulations, deploy and docs included: they must stay out).
     app = tmp_path / "fedcam"
-    shutil.copytree(ROOT, app, ignore=shutil.ignore_patterns(".venv", ".git", "data", "runs", "__pycache__"))
-    out = subprocess.run([sys.executable, "-m", "flwr.cli.app", "build", "--app", str(app)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120, env={"FLWR_HOME": str(tmp_path / "flwr"),
-                                                                            "PATH": "/usr/bin:/bin"})
-    assert out.returncode == 0, out.stdout + out.stderr
-    (fab,) = tmp_path.glob("*.fab")
+    top = {".venv", ".git", "data", "runs"}  # at the top only: shared/data is part of the app
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return {n for n in names if n == "__pycache__" or (Path(folder) == ROOT and n in top)}
+
+    shutil.copytree(ROOT, app, ignore=ignore)
+    fab = build_fab(app, tmp_path / "checkout")
     names = zipfile.ZipFile(fab).namelist()
     assert {n.split("/")[0] for n in names} <= {"server", "client", "shared", "pyproject.toml", ".info"}
     assert "server/federation/server_app.py" in names and "client/client_app.py" in names
     assert "server/snapshots/pipeline.py" in names  # the ServerApp makes snapshots after its rounds
+    assert "shared/data/dataset.py" in names  # the ClientApp reads its camera's frames
     tooling = ("server/local/", "server/cli/", "server/web/", "client/runtime/")  # no node runs these
     assert not [n for n in names if n.startswith(tooling)]
+    # What `fedcam simulate` and the loopback deployment hand to `flwr run`: the same FAB, to the byte (its name
+    # carries the hash of its content), from a copy that leaves the venv, worlds and runs out of Flower's walk.
+    from server.local.simulation import app_source
+
+    staged = app_source(tmp_path / "staged" / "app")
+    assert not (staged / ".venv").exists() and not (staged / "tests").exists()
+    assert build_fab(staged, tmp_path / "from-staged").name == fab.name
 
 
 def test_repo_root_is_not_on_sys_path():

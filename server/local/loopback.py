@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from server.local.processes import Family, stop_strays
-from server.local.simulation import run_status
+from server.local.simulation import app_source, run_status
 from shared.config import PYPROJECT
 from shared.env import OFFLINE_ENV
 
@@ -154,7 +154,8 @@ class Loopback:
     def submit(self, run_config: dict) -> int:
         """`flwr run` the app in this repository (built into a FAB) with run-config overrides; its run id."""
         pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        out = self._cli("run", str(APP_DIR), "fleet", "--run-config", pairs, "--format", "json", timeout=300)
+        app = app_source(self.cli_home / "app")
+        out = self._cli("run", str(app), "fleet", "--run-config", pairs, "--format", "json", timeout=300)
         match = re.search(r'"run-id":\s*"?(\d+)', out.stdout)
         if out.returncode or not match:
             raise DeploymentError(f"flwr run failed: {(out.stdout + out.stderr)[-2000:]}")
