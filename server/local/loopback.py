@@ -13,11 +13,9 @@ import time
 from pathlib import Path
 
 from server.local.processes import Family, stop_strays
-from server.local.simulation import app_source, run_status
-from shared.config import PYPROJECT
+from server.local.simulation import APP_DIR, app_source, run_status
 from shared.env import OFFLINE_ENV
 
-APP_DIR = PYPROJECT.parent
 DEPLOY = APP_DIR / "deploy"  # the same scripts an operator runs on real machines
 
 
@@ -152,7 +150,7 @@ class Loopback:
         raise DeploymentError(f"SuperNode {device} was not re-admitted within {timeout:.0f}s")
 
     def submit(self, run_config: dict) -> int:
-        """`flwr run` the app in this repository (built into a FAB) with run-config overrides; its run id."""
+        """`flwr run` this app (its FAB built from `app_source`'s copy) with run-config overrides; its run id."""
         pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
         app = app_source(self.cli_home / "app")
         out = self._cli("run", str(app), "fleet", "--run-config", pairs, "--format", "json", timeout=300)
