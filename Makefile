@@ -26,7 +26,8 @@ demo: setup
 # it. The other stream holds every other test; a new test that starts Ray belongs in RAY_TESTS. Each stream
 # trains with one thread (FEDCAM_TEST_THREADS): two 2-thread streams on 2 cores spin against each other.
 RAY_TESTS := tests/test_federation.py tests/test_privacy.py tests/test_secure.py tests/test_compress.py \
-	tests/test_camera_snapshots.py tests/test_dashboard.py tests/test_ray_cluster.py tests/test_scaffold.py
+	tests/test_camera_snapshots.py tests/test_dashboard.py tests/test_ray_cluster.py tests/test_scaffold.py \
+	tests/test_ray_local.py
 TEST_TMP ?= /tmp/fedcam-tests
 test: setup /usr/bin/chromium
 	@mkdir -p $(TEST_TMP)
