@@ -165,6 +165,16 @@ def profile(name: str, run_dir: Path, wall: float, here: dict[str, float]) -> di
     return {"rounds": rounds / compute, "whole": whole}
 
 
+def fresh(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`... if a run of an earlier call is there: a run folder that exists is resumed,
+    not measured again, and an earlier run's figures are kept."""
+    for k in range(1, 1000):
+        candidate = path if k == 1 else path.with_name(f"{path.name}-{k}")
+        if not candidate.exists():
+            return candidate
+    raise SystemExit(f"{path}: 999 earlier runs there; give another --out")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="runs/bench_scale")
@@ -199,7 +209,7 @@ def main() -> None:
         flat = scenario(out, n, min(args.sampled, n), args.rounds, args.imgsz)
         for k in range(n):  # generated beforehand: the world's cost is its own column, not the simulation's
             ensure_camera(out / "world", k)
-        run = out / f"overhead{n}"
+        run = fresh(out / f"overhead{n}")
         wall, cpu = simulate(flat, run, memory=False)
         print(f"\nCPU seconds by process over the {wall:.0f} s run (2 s samples; the last seen per process):")
         for name, sec in sorted(cpu.items(), key=lambda kv: -kv[1]):
@@ -209,7 +219,7 @@ def main() -> None:
 
     print("\ncameras | sampled | s/round (median) | peak PSS GiB (all processes) | cameras generated | world s")
     for n in (int(x) for x in args.scale.split(",") if x):
-        flat, run = scenario(out, n, min(args.sampled, n), args.rounds, args.imgsz), out / f"scale{n}"
+        flat, run = scenario(out, n, min(args.sampled, n), args.rounds, args.imgsz), fresh(out / f"scale{n}")
         had = len(list((out / "world").glob("cam[0-9]*")))
         _, peak = simulate(flat, run, memory=True)
         _, ends = rounds_of(run)
