@@ -116,7 +116,7 @@ def direct(flat: dict, run_dir: Path, events: list[dict]) -> dict[str, float]:
     cfg = load_config({**flat, "model.student-checkpoint": start})
     task.set_threads(cfg.train.threads)
     weights = lambda rnd: RunDir(run_dir).checkpoints / f"global_r{rnd:04d}.pt" if rnd else Path(start)  # noqa: E731
-    got = {"eval": 0.0, "finetune": 0.0, "central": 0.0, "central-0": 0.0}
+    got, per_message = {"eval": 0.0, "finetune": 0.0, "central": 0.0, "central-0": 0.0}, []
     scored = [e["round"] for e in events if e["kind"] == "round_end" and e["data"].get("central")]
     for e in (e for e in events if e["kind"] in ("train_result", "round_end")):
         if e["kind"] == "round_end":
@@ -134,6 +134,8 @@ def direct(flat: dict, run_dir: Path, events: list[dict]) -> dict[str, float]:
             local_finetune(net, data, cfg, {**local_plan(cfg.fed, e["round"]), "seed": round_seed(cfg.seed, e["round"])})
             got["eval"] += t1 - t0
             got["finetune"] += time.perf_counter() - t1
+            per_message.append(time.perf_counter() - t1)
+    got["finetune-median"] = statistics.median(per_message) if per_message else float("nan")
     return got
 
 
@@ -160,6 +162,10 @@ def profile(name: str, run_dir: Path, wall: float, here: dict[str, float]) -> di
     print(f"\n{name}: where the time goes (s)")
     for k, v in rows.items():
         print(f"  {k:<60}{v:>8.1f}")
+    # The same fine-tunes' medians: a machine that ran slower while one side ran shows here, not as overhead.
+    mine = [m["finetune-seconds"] for m in clients if "finetune-seconds" in m]
+    print(f"  fine-tune per message, median: simulation {statistics.median(mine) if mine else float('nan'):.2f} s, "
+          f"direct {here['finetune-median']:.2f} s")
     whole = wall / (compute + here["central-0"])
     print(f"  -> simulation / direct: rounds {rounds / compute:.2f}x, whole run (with Ray start) {whole:.2f}x")
     return {"rounds": rounds / compute, "whole": whole}
