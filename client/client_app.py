@@ -113,6 +113,7 @@ def train(msg: Message, context: Context) -> Message:
     # The process' age when the message arrived: a fresh ClientApp process per message under a SuperNode, a
     # long-lived worker in simulation.
     metrics["process-age"] = started - psutil.Process().create_time()
+    metrics["sent-at"] = time.time()  # the server's wall clock on arrival, minus this: the way back (bench_deploy)
     content["metrics"] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
 

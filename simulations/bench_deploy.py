@@ -37,7 +37,11 @@ def phases(run_dir: Path) -> dict[str, float]:
             "client handler": med([m["seconds"] for m in clients]),
             "client training": med([m["train-seconds"] for m in clients]),
             "client imports": med([m.get("import-seconds", float("nan")) for m in clients]),
-            "process age at message": med([m.get("process-age", float("nan")) for m in clients])}
+            "process age at message": med([m.get("process-age", float("nan")) for m in clients]),
+            # the last update of a round leaving its camera, to the server holding them all (one clock on loopback)
+            "last reply to server": med([trains[r]["time"] - max(c["metrics"].get("sent-at", float("nan"))
+                                                                  for c in trains[r]["data"]["clients"] if c["ok"])
+                                         for r in rounds])}
 
 
 def deployed(cfg, cameras: int, work: Path, timeout: float) -> Path:
