@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from server.local import simulation
+from server.local.processes import Family
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +31,16 @@ print(json.dumps({"idle": idle}))
 
 def idle_workers(tmp_path, env_extra: dict[str, str]) -> int:
     env = simulation.child_env(tmp_path / "run", {**simulation.ray_env(""), **env_extra})
-    out = subprocess.run([sys.executable, "-c", DRIVER], env=env, cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120, start_new_session=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])["idle"]
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    family = Family(driver)
+    try:
+        out, err = driver.communicate(timeout=120)
+    finally:  # a driver that hung still has Ray's daemons under it: each is stopped by PID
+        family.watch()
+        family.stop()
+    assert driver.returncode == 0, err[-2000:]
+    return json.loads(out.strip().splitlines()[-1])["idle"]
 
 
 def test_local_ray_starts_no_idle_workers_and_the_environment_wins(tmp_path, monkeypatch):

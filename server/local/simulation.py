@@ -70,6 +70,9 @@ def child_env(run_dir: Path, extra: dict[str, str] | None = None) -> dict[str, s
     return env
 
 
+PRESTART = "RAY_prestart_worker_first_driver"  # a Ray system config flag, read from the environment by its raylet
+
+
 def ray_env(ray_address: str) -> dict[str, str]:
     """What Flower's backend config cannot say, told to Ray through its own variables: the cluster to join; for a
     local one, a small object store (cameras' arrays are small; Ray's default is 30 % of RAM) and no workers started
@@ -81,9 +84,6 @@ def ray_env(ray_address: str) -> dict[str, str]:
     share = 256 * 1024 * 1024 / psutil.virtual_memory().total
     return {"RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": f"{min(0.3, share):.4f}",
             PRESTART: os.environ.get(PRESTART, "0")}
-
-
-PRESTART = "RAY_prestart_worker_first_driver"  # a Ray system config flag, read from the environment by its raylet
 
 
 def run_config_file(path: Path, flat: dict) -> Path:
