@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -46,12 +47,15 @@ class Family:
         for sig, wait in ((first, grace), (signal.SIGKILL, 5.0)):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.root.pid, sig)
-            family = self.alive()
-            for p in family:
+            for p in self.alive():
                 with contextlib.suppress(psutil.Error):
                     p.send_signal(sig)
-            _, left = psutil.wait_procs(family, timeout=wait)
-            if not left:
+            # Polled with alive(), not psutil.wait_procs: that waits for zombies too, and the zombie of a process whose
+            # parent died stays until whatever inherits it reaps it (here Flower's and Ray's waited 2 s for that).
+            until = time.monotonic() + wait
+            while self.alive() and time.monotonic() < until:
+                time.sleep(0.05)
+            if not self.alive():
                 break
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.root.wait(timeout=5.0)
