@@ -67,3 +67,34 @@ def test_sigterm_unwinds_through_the_finally_that_stops_started_processes():
         assert signal.getsignal(signal.SIGTERM) is before  # the handler is only borrowed
     finally:
         child.kill()
+
+
+def test_a_launch_stops_waiting_once_its_serverapp_recorded_the_end_in_log_and_store(tmp_path, monkeypatch):
+    """`launch` stops Flower's processes once this launch's run_end is in the event log and the store (the last hook);
+    an earlier launch's end (a resumed run), a half-recorded end and a failed run do not count."""
+    from server.federation.events import EventBus
+    from server.federation.store import RunStore
+    from server.local.simulation import ServerAppDone
+    from shared.run_dir import RunDir
+
+    monkeypatch.setattr(ServerAppDone, "GRACE", 0.0)
+    layout = RunDir(tmp_path)
+    bus = EventBus([JsonlLog(layout.events), RunStore(layout.store)])
+    bus.emit("run_start")
+    bus.emit("run_end", 1)  # the first launch's
+    done = ServerAppDone(layout)  # the resumed launch
+    assert not done.settled()
+    bus.emit("run_start", 1)
+    bus.emit("round_end", 2)
+    assert not done.settled()
+    JsonlLog(layout.events)(Event(kind="run_end", round=2))  # in the log, not yet in the store
+    assert not done.settled()
+    RunStore(layout.store)(Event(kind="run_end", round=2))
+    assert done.settled()
+
+    failed = RunDir(tmp_path / "failed")
+    done = ServerAppDone(failed)  # no run folder content yet: a fresh run
+    bus = EventBus([JsonlLog(failed.events), RunStore(failed.store)])
+    bus.emit("run_start")
+    bus.emit("run_error", 0, error="boom")
+    assert not done.settled()  # Flower finishes a failed run itself: its status and traceback reach the log

@@ -11,6 +11,7 @@ import torch
 from server.local import simulation
 from server.federation.checkpoint import RunCheckpoints
 from server.federation.events import read_events
+from server.federation.store import query
 from conftest import sim_cfg
 
 pytestmark = pytest.mark.slow
@@ -38,6 +39,9 @@ def test_two_cameras_two_rounds(tiny_run):
                for t in trains for c in t["data"]["clients"])
     assert RunCheckpoints(run_dir).progress().round == 2
     assert by_kind(run_dir, "run_end")
+    # launch stopped Flower's processes once the ServerApp had recorded its end, everything on disk by then
+    assert "[fedcam] the ServerApp logged run_end" in (run_dir / "simulation.log").read_text()
+    assert [r["status"] for r in query(run_dir / "fedcam.sqlite", "SELECT status FROM runs")] == ["finished"]
     (snap,) = by_kind(run_dir, "snapshot")  # the last round's round-event hook made a snapshot
     assert snap["round"] == 2 and snap["data"]["int8_convs"] > 0
     assert snap["data"]["published"] or "lost" in snap["data"]["reason"]

@@ -102,8 +102,9 @@ class EventTail:
     """The events of a run that is still being written, read incrementally: each `read()` parses only the lines
     appended since the last one (a live view polls twice a second; rereading the whole log grows with the run)."""
 
-    def __init__(self, path: Path):
-        self.path, self.events, self._offset, self._partial = Path(path), [], 0, b""
+    def __init__(self, path: Path, start: int = 0):
+        """`start`: the byte offset to read from (a resumed run's log holds the earlier launches' events before it)."""
+        self.path, self.events, self._offset, self._partial = Path(path), [], start, b""
 
     def read(self) -> list[dict]:
         if not self.path.exists():

@@ -18,6 +18,8 @@ import tomli_w
 
 from shared.config import Config, PYPROJECT, to_flat
 from shared.env import OFFLINE_ENV, STATE_DIR, ray_home
+from server.federation.events import EventTail
+from server.federation.store import query
 from server.local.processes import Family, stop_on_sigterm
 from shared.run_dir import RunDir
 
@@ -100,7 +102,8 @@ def launch(cfg: Config, num_nodes: int, extra_env: dict[str, str] | None = None,
     it keeps running, only this run's workers on it end).
 
     Returns 0 when the run finished completed, 1 when it finished otherwise, -1 when `timeout` ran out. The
-    SuperLink's output goes to RUN_DIR/superlink.log, the run's streamed log to RUN_DIR/simulation.log.
+    SuperLink's output goes to RUN_DIR/superlink.log, the run's streamed log to RUN_DIR/simulation.log. Once the
+    ServerApp has recorded its run's end (`ServerAppDone`), Flower's own shutdown is not waited for.
     """
     run_dir = Path(cfg.run_dir).resolve()
     layout = RunDir(run_dir)
@@ -113,6 +116,7 @@ def launch(cfg: Config, num_nodes: int, extra_env: dict[str, str] | None = None,
     port = free_port()
     connection(layout.flwr_home, port)
     deadline = time.monotonic() + timeout if timeout else float("inf")
+    done = ServerAppDone(layout)
     families: list[Family] = []
     with stop_on_sigterm():  # a SIGTERM'd `fedcam simulate` still stops what it started
         try:
@@ -135,7 +139,7 @@ def launch(cfg: Config, num_nodes: int, extra_env: dict[str, str] | None = None,
                     stderr=subprocess.STDOUT)
             families.append(Family(stream))
             ticks = 0
-            while stream.poll() is None and time.monotonic() < deadline:
+            while stream.poll() is None and time.monotonic() < deadline and not done.settled():
                 time.sleep(0.5)
                 ticks += 1
                 if ticks % 4 == 0:  # the simulation and Ray's daemons, while they are still attached
@@ -143,11 +147,46 @@ def launch(cfg: Config, num_nodes: int, extra_env: dict[str, str] | None = None,
                 if on_tick:
                     on_tick()
             if stream.returncode is None:
-                return -1
+                return done.note(layout.log) if done.settled() else -1
             return finished(env, layout, seen)
         finally:
             for family in families[::-1]:
                 family.stop()
+
+
+class ServerAppDone:
+    """Whether this launch's ServerApp has finished its work: `run_end` in the event log and in the run store (its
+    last hook), so every checkpoint, snapshot and event is on disk. What follows is Flower's own shutdown: the
+    engine's 1 s queue timeouts, `ray.shutdown`, the status report, the log stream's end and `flwr list`, about 5 s
+    of a run (README, "Many cameras on one machine"), for processes `launch` then stops by PID anyway. A run that
+    failed (`run_error`) is left to finish, so Flower's status and traceback reach the log."""
+
+    GRACE = 1.0  # s after the end for the ServerApp's last log lines: Flower uploads them every 0.2 s, streams every 0.5
+
+    def __init__(self, layout: RunDir):
+        self.events = EventTail(layout.events, start=layout.events.stat().st_size if layout.events.exists() else 0)
+        self.store = layout.store
+        self.runs_before = self._newest()
+        self.at: float | None = None
+
+    def _newest(self) -> int:
+        if not self.store.exists():
+            return 0
+        return query(self.store, "SELECT MAX(id) AS id FROM runs")[0]["id"] or 0
+
+    def settled(self) -> bool:
+        if self.at is None and any(e["kind"] == "run_end" for e in self.events.read()) and query(
+                self.store, "SELECT id FROM runs WHERE id > ? AND ended IS NOT NULL AND status NOT LIKE 'failed%'",
+                (self.runs_before,)):
+            self.at = time.monotonic()
+        return self.at is not None and time.monotonic() - self.at >= self.GRACE
+
+    @staticmethod
+    def note(log: Path) -> int:
+        with open(log, "a") as out:
+            out.write("\n[fedcam] the ServerApp logged run_end: every process stopped by PID, without waiting for "
+                      "Flower's shutdown\n")
+        return 0
 
 
 SUPERLINK = "fedcam-sim"  # the Flower CLI's connection name, kept in the run's own FLWR_HOME
