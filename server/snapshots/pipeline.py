@@ -18,7 +18,7 @@ from server.snapshots import costmodel, search
 from server.snapshots.export import float_nodes, runs_integer_kernels
 from server.snapshots.precision import paired_ms
 from server.snapshots.prune import prune
-from server.snapshots.registry import Registry, now_iso
+from server.snapshots.registry import Registry, now_iso, registry_for  # noqa: F401  (registry_for: its callers')
 from shared import models, task
 from shared.config import Config
 from shared.env import STATE_DIR
@@ -48,11 +48,6 @@ class SnapshotResult:
     params_dense: int  # of the architecture before any pruning
     params_pruned: int  # of the snapshot
     student: object = None  # the fp32 model the snapshot was quantized from (the structure of per-camera snapshots)
-
-
-def registry_for(cfg: Config) -> Registry:
-    s = cfg.snapshot
-    return Registry(RunDir(cfg.run_dir).registry(s.dir), s.key_path or STATE_DIR / "server_ed25519.pem")
 
 
 def calibration_frames(cfg: Config, count: int | None = None) -> np.ndarray:

@@ -17,6 +17,8 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+from shared.env import STATE_DIR
+from shared.run_dir import RunDir
 from shared.snapshot.delta import delta_name, make_delta
 from shared.snapshot.packed import PACKED_FILE, pack_model, unpack_model
 from shared.snapshot.format import (MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Manifest, load_or_create_key,
@@ -35,6 +37,12 @@ COLUMNS = ("version, round, target, status, reason, sha256, size, map50_fp32, ma
            " latency_ms, created, parent_checkpoint, extra")
 LATEST, PUBLIC_KEY, CAMERAS, GLOBAL = "latest.json", "server_public_key.pem", "cameras", "global"
 CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def registry_for(cfg) -> "Registry":
+    """The registry of a run (`cfg`: a shared.config.Config): its folder and signing key."""
+    s = cfg.snapshot
+    return Registry(RunDir(cfg.run_dir).registry(s.dir), s.key_path or STATE_DIR / "server_ed25519.pem")
 
 
 def check_camera_id(camera: str) -> str:

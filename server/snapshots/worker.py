@@ -8,11 +8,15 @@ import os
 import queue
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
-from server.snapshots.pipeline import SnapshotResult, registry_for
+from server.snapshots.registry import registry_for
 from shared.config import Config, to_flat
+
+if TYPE_CHECKING:  # the pipeline (onnx, Torch-Pruning) loads in the worker, and here only with its first result
+    from server.snapshots.pipeline import SnapshotResult
 
 log = logging.getLogger("fedcam.server")
 STOP = None  # the job that tells the worker no more rounds will come
