@@ -161,7 +161,7 @@ class ServerAppDone:
     of a run (README, "Many cameras on one machine"), for processes `launch` then stops by PID anyway. A run that
     failed (`run_error`) is left to finish, so Flower's status and traceback reach the log."""
 
-    GRACE = 1.0  # s after the end for the ServerApp's last log lines: Flower uploads them every 0.2 s, streams every 0.5
+    GRACE = 1.0  # s after the end, for the ServerApp's last log lines (Flower uploads every 0.2 s, streams every 0.5)
 
     def __init__(self, layout: RunDir):
         self.events = EventTail(layout.events, start=layout.events.stat().st_size if layout.events.exists() else 0)
@@ -175,11 +175,14 @@ class ServerAppDone:
         return query(self.store, "SELECT MAX(id) AS id FROM runs")[0]["id"] or 0
 
     def settled(self) -> bool:
-        if self.at is None and any(e["kind"] == "run_end" for e in self.events.read()) and query(
-                self.store, "SELECT id FROM runs WHERE id > ? AND ended IS NOT NULL AND status NOT LIKE 'failed%'",
-                (self.runs_before,)):
+        if self.at is None and any(e["kind"] == "run_end" for e in self.events.read()) and self._stored():
             self.at = time.monotonic()
         return self.at is not None and time.monotonic() - self.at >= self.GRACE
+
+    def _stored(self) -> bool:
+        return self.store.exists() and bool(query(
+            self.store, "SELECT id FROM runs WHERE id > ? AND ended IS NOT NULL AND status NOT LIKE 'failed%'",
+            (self.runs_before,)))
 
     @staticmethod
     def note(log: Path) -> int:

@@ -21,11 +21,9 @@ from server.snapshots.prune import prune
 from server.snapshots.registry import Registry, now_iso, registry_for  # noqa: F401  (registry_for: its callers')
 from shared import models, task
 from shared.config import Config
-from shared.env import STATE_DIR
 from shared.evaluate import TorchPredictor, evaluate
 from shared.models import count_params
 from shared.pruned import KEY, unpruned
-from shared.run_dir import RunDir
 from shared.snapshot.format import MANIFEST_FILE, Manifest, sha256_file
 from shared.snapshot.inference import Detector
 from shared.train import Progress, TrainSpec
