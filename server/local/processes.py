@@ -34,12 +34,7 @@ class Family:
             pass
 
     def alive(self) -> list[psutil.Process]:
-        living = []
-        for p in self.seen.values():
-            with contextlib.suppress(psutil.Error):
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    living.append(p)
-        return living
+        return living(self.seen.values())
 
     def stop(self, grace: float = 10.0, first: int = signal.SIGTERM) -> None:
         """`first` (the root's group too), then SIGKILL whatever outlives `grace`; reap the root."""
@@ -47,19 +42,35 @@ class Family:
         for sig, wait in ((first, grace), (signal.SIGKILL, 5.0)):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.root.pid, sig)
-            for p in self.alive():
+            family = self.alive()
+            for p in family:
                 with contextlib.suppress(psutil.Error):
                     p.send_signal(sig)
-            # Polled with alive(), not psutil.wait_procs: that waits for zombies too, and the zombie of a process whose
-            # parent died stays until whatever inherits it reaps it (here Flower's and Ray's waited 2 s for that).
-            until = time.monotonic() + wait
-            while self.alive() and time.monotonic() < until:
-                time.sleep(0.05)
-            if not self.alive():
+            if not wait_gone(family, wait):
                 break
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.root.wait(timeout=5.0)
 
+
+
+def living(procs) -> list[psutil.Process]:
+    """Those of `procs` still running; a zombie has exited (its parent, or whoever inherits it, reaps it later)."""
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+    return out
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait (bounded) until `procs` have exited; those still running. Not psutil.wait_procs: that also waits for
+    zombies, and the zombie of a process whose parent died stays until whatever inherits it reaps it (about 2 s
+    here, for Flower's and Ray's processes, on every stop)."""
+    until = time.monotonic() + timeout
+    while (left := living(procs)) and time.monotonic() < until:
+        time.sleep(0.05)
+    return left
 
 
 def strays(folder: Path) -> list[psutil.Process]:
@@ -84,7 +95,7 @@ def stop_strays(folder: Path, grace: float = 10.0) -> list[str]:
         for p in found:
             with contextlib.suppress(psutil.Error):
                 p.send_signal(sig)
-        _, found = psutil.wait_procs(found, timeout=grace if sig == signal.SIGTERM else 5.0)
+        found = wait_gone(found, grace if sig == signal.SIGTERM else 5.0)
         if not found:
             break
     return names
