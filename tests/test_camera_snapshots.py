@@ -208,7 +208,8 @@ def test_an_own_snapshot_worse_than_the_global_one_on_its_camera_is_refused(came
 
     from server.snapshots.cameras import Camera, _gate_and_publish
     from server.snapshots.export import inspect_optimized
-    from server.snapshots.pipeline import SnapshotResult, registry_for
+    from server.snapshots.pipeline import SnapshotResult
+    from server.snapshots.registry import registry_for
     from shared.snapshot.format import Manifest
 
     cfg, _, _ = camera_run
@@ -308,7 +309,8 @@ def test_a_candidate_refused_for_its_int8_loss_is_made_again_once_with_more_laye
     import shutil
 
     from server.snapshots.cameras import Camera, Exchange
-    from server.snapshots.pipeline import SnapshotResult, registry_for
+    from server.snapshots.pipeline import SnapshotResult
+    from server.snapshots.registry import registry_for
     from shared.snapshot.format import Manifest
 
     cfg, _, _ = camera_run

@@ -17,7 +17,8 @@ def snapshot_cmd(checkpoint: Path = typer.Option(..., help="fedcam/Ultralytics c
                  round_: int = typer.Option(0, "--round", help="Round number to record in the manifest."),
                  sets: Optional[list[str]] = SetOpt):
     """Make a snapshot by hand: prune, recover, export, quantize, gate, sign and publish."""
-    from server.snapshots.pipeline import make_snapshot, registry_for
+    from server.snapshots.pipeline import make_snapshot
+    from server.snapshots.registry import registry_for
     from shared import model_files
 
     base = RunDir(run).overrides() if run else {}

@@ -18,7 +18,7 @@ from server.snapshots import costmodel, search
 from server.snapshots.export import float_nodes, runs_integer_kernels
 from server.snapshots.precision import paired_ms
 from server.snapshots.prune import prune
-from server.snapshots.registry import Registry, now_iso, registry_for  # noqa: F401  (registry_for: its callers')
+from server.snapshots.registry import Registry, now_iso
 from shared import models, task
 from shared.config import Config
 from shared.evaluate import TorchPredictor, evaluate
