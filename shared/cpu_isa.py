@@ -41,8 +41,13 @@ def isa_summary() -> str:
     for var in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
         if os.environ.get(var):
             parts.append(f"{var}={os.environ[var]}")
-    # MLAS chooses its kernels from CPUID at start and has no switch to hold it to fewer instruction sets.
-    parts.append("onnxruntime: all of this CPU's instruction sets (cannot be restricted)")
+    # MLAS chooses its kernels from CPUID at start and has no switch of its own; simulations/isa_mask.py hides
+    # instruction sets from CPUID itself, for every library of the process.
+    if os.environ.get("FEDCAM_CPUID_MASK"):
+        parts.append(f"CPUID masked to {os.environ['FEDCAM_CPUID_MASK'].upper()} for onnxruntime, PyTorch and oneDNN "
+                     "(AVX-512, VNNI and AMX hidden; the flags above are the CPU's)")
+    else:
+        parts.append("onnxruntime: all of this CPU's instruction sets")
     return "; ".join(parts)
 
 
