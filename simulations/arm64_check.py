@@ -97,6 +97,23 @@ def compare(x86: dict, arm: dict, steps: dict[str, float], frames: int) -> dict:
             "frames_same_detections": same, "worst_iou_of_matched": worst_iou}
 
 
+def x86_levels(levels: list[str], folder: Path, key: Path, frames: Path, work: Path, steps: dict) -> None:
+    """This CPU's int8 kernels, as they are and with instruction sets hidden, against the graph as written."""
+    import isa_mask  # beside this script
+
+    run_check([sys.executable], folder, key, frames, work / "probe.onnx", work / "ref.npz", extra=("--unoptimized",))
+    ref = dict(np.load(work / "ref.npz"))
+    n = len({k.split("/")[0] for k in ref})
+    for level in ["native", *levels]:
+        env = None if level == "native" else isa_mask.masked_env(level)
+        run_check([sys.executable], folder, key, frames, work / "probe.onnx", work / f"{level}.npz", env=env)
+        vs = compare(ref, dict(np.load(work / f"{level}.npz")), steps, n)
+        print(f"x86 {level} vs the float-evaluated QDQ graph: worst {vs['worst_steps']:.2f} steps, "
+              f"{vs['values_beyond_1_step']} of {vs['values']} values beyond 1 step, raw output worst |diff| "
+              f"{vs['worst_raw_abs']:.4f}, {vs['frames_same_detections']}/{n} frames with the same detections",
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--run", default="runs/demo", help="a finished run: its last global student is used")
@@ -104,11 +121,14 @@ def main() -> None:
     ap.add_argument("--cpu", default="cortex-a72", help="qemu's CPU model (a NEON-only camera core)")
     ap.add_argument("--frames", type=int, default=16, help="held-out camera val frames compared")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ap.add_argument("--x86-isa", default="", help="instead of the aarch64 side: this CPU's x86 kernels as they are "
+                    "and under these CPUID-masked levels (isa_mask.py, e.g. avx2), each against the graph as written")
     args = ap.parse_args()
     root, qemu = Path(args.root), shutil.which("qemu-aarch64-static")
-    if qemu is None or not (root / "usr/bin/python3.11").exists():
+    if not args.x86_isa and (qemu is None or not (root / "usr/bin/python3.11").exists()):
         raise SystemExit(f"no aarch64 root at {root} or no qemu-aarch64-static: run deploy/arm64/build-root.sh")
-    print(f"host instruction sets: {isa_summary()}; emulated: aarch64 {args.cpu} (qemu-user)", flush=True)
+    other = f"x86 levels: native, {args.x86_isa}" if args.x86_isa else f"emulated: aarch64 {args.cpu} (qemu-user)"
+    print(f"host instruction sets: {isa_summary()}; {other}", flush=True)
     run = Path(args.run)
     # Pruning off (one unpruned candidate; float layers chosen as the server does): what is checked is the int8
     # arithmetic of the two CPUs on one signed snapshot, not the search; the arm64 target is gated as x86 is.
@@ -135,6 +155,8 @@ def main() -> None:
             shutil.copyfile(p, frames / p.name)
         steps = boundary_probe(folder / MODEL_FILE, work / "probe.onnx")
         key = reg.root / PUBLIC_KEY
+        if args.x86_isa:
+            return x86_levels(args.x86_isa.split(","), folder, key, frames, work, steps)
         host_s = run_check([sys.executable], folder, key, frames, work / "probe.onnx", work / "x86.npz")
         env = {**os.environ, "PYTHONPATH": str(root / "opt/site"), "PYTHONNOUSERSITE": "1"}
         arm_s = run_check([qemu, "-cpu", args.cpu, "-L", str(root), str(root / "usr/bin/python3.11")], folder, key,

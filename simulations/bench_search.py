@@ -12,7 +12,8 @@ import numpy as np
 from shared.env import setup_offline
 
 setup_offline()  # the offline variables, before any library reads them
-from bench_snapshot import latencies, map50, resized, ultralytics_exports  # noqa: E402 - beside this script
+from bench_isa import compare as compare_isa  # noqa: E402 - beside this script
+from bench_snapshot import latencies, map50, resized, ultralytics_exports  # noqa: E402
 from server.federation.checkpoint import RunCheckpoints  # noqa: E402
 from server.snapshots import costmodel  # noqa: E402
 from server.snapshots.export import export_onnx, float_nodes, quantize  # noqa: E402
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--dense-run", default="", help="a twin run whose rounds trained the unpruned student (--set "
                     "model.student-prune=0): with --run pruned before its rounds, the ratios against its dense model")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override of the search")
+    ap.add_argument("--isa", default="", help="also time and score every model under these CPUID-masked levels in "
+                    "fresh processes, beside this CPU's own (bench_isa.py; e.g. avx2)")
     args = ap.parse_args()
     print(f"instruction sets: {isa_summary()}", flush=True)
     run = Path(args.run)
@@ -66,6 +69,7 @@ def main() -> None:
         fixed = None if args.no_fixed else pruned_student(student, 0.5, cfg, epochs=48)
         frames = calibration_frames(cfg)
         at = {}  # name -> (model at the timing size, its mAP50 at the training size, float layers)
+        small = {}  # name -> the same model at the training size (what the mAP50 was scored on)
         searched = result.student
         for name, model, layers in (("searched", searched, extra["float_layers"]), ("fixed 50%/48/3", fixed, 3),
                                     ("unpruned int8 (3 float)", student, 3)):
@@ -77,10 +81,11 @@ def main() -> None:
             qbig = quantize(big, work / f"{len(at)}q{args.imgsz}.onnx", resized(frames, args.imgsz),
                             cfg.snapshot.target, "static", layers)
             a7 = costmodel.estimate_ms(big, float_nodes(big, layers), "cortex-a7")
-            at[name] = (qbig, map50(q, cfg, held, names), a7)
+            at[name], small[name] = (qbig, map50(q, cfg, held, names), a7), q
         ul = ultralytics_exports(student, work, args.imgsz, task.base_yaml(cfg), False)["ultralytics fp32"]
         ul_small = ultralytics_exports(student, work, cfg.data.imgsz, task.base_yaml(cfg), False)["ultralytics fp32"]
         at["ultralytics fp32"] = (ul, map50(ul_small, cfg, held, names), float("nan"))
+        small["ultralytics fp32"] = ul_small
         twin = None if not args.dense_run else dense_twin(Path(args.dense_run), args.round, cfg, held, names, work,
                                                           args.imgsz)
         if twin is not None:
@@ -99,6 +104,11 @@ def main() -> None:
                           f"{at[n][1] / twin[2]:.1%} of its fp32 mAP50 ({twin[2]:.3f})")
         print(f"(latency at {args.imgsz} px, steady timing, median of {args.rounds} rounds; mAP50 on the held-out "
               f"camera val at {cfg.data.imgsz} px; A7: the cost model's estimate, one core)")
+        if args.isa:  # the same files again, each instruction set level in a fresh process
+            spec = {"run": str(run), "timed": {n: str(p) for n, p in paths.items()},
+                    "scored": {n: str(p) for n, p in small.items()}, "names": names, "imgsz": args.imgsz,
+                    "runs": args.runs, "rounds": args.rounds, "threads": [1, 2]}
+            compare_isa(spec, "ultralytics fp32", ("native", *args.isa.split(",")))
 
 
 def dense_twin(run: Path, rnd: int, cfg, held, names, work: Path, imgsz: int) -> tuple[Path, float, float]:
