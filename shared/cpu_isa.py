@@ -29,6 +29,30 @@ def cpu_flags() -> tuple[str, set[str]]:
     return model, flags
 
 
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # int8 dot products that accumulate in 32 bits
+
+
+def visible_flags() -> set[str]:
+    """This CPU's flags as its libraries see them: less what FEDCAM_CPUID_MASK hides (simulations/isa_mask.py)."""
+    flags = cpu_flags()[1]
+    if os.environ.get("FEDCAM_CPUID_MASK") == "avx2":
+        flags = {f for f in flags if not f.startswith(("avx512", "amx")) and f != "avx_vnni"}
+    return flags
+
+
+def int8_kernel_note(target: str, flags: set[str] | None = None, machine: str | None = None) -> str:
+    """Why this CPU's int8 kernels depart from a snapshot's graph, or '' when they do not. Signed activations
+    (snapshot.target arm64) on an x86 CPU without VNNI go through AVX2's u8 x s8 instruction, whose 16-bit pair
+    sums saturate: 57 quantization steps off the graph, other detections on 4 of 16 frames (README)."""
+    if target != "arm64" or (machine or platform.machine()) not in ("x86_64", "AMD64"):
+        return ""
+    if (visible_flags() if flags is None else flags) & VNNI_FLAGS:
+        return ""
+    return ("an arm64 snapshot (signed int8) on an x86 CPU without VNNI: onnxruntime's AVX2 int8 kernel saturates "
+            "on signed activations, so detections can differ from those the server's gate scored; x86 devices "
+            "should get snapshots made with snapshot.target=x86")
+
+
 def isa_summary() -> str:
     """One line for a benchmark's output: CPU, the relevant flags it has, and any restriction in force."""
     model, flags = cpu_flags()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import platform
 import socket
 import subprocess
 import sys
@@ -61,10 +63,10 @@ class RegistryServer:
 
 
 def publish(registry: Registry, model: Path, names: list[str], imgsz: int = 64, camera: str | None = None,
-            base: str = "") -> str:
+            base: str = "", target: str = "x86") -> str:
     """A signed snapshot on the global channel, or on `camera`'s own channel made from global snapshot `base`."""
     version = registry.next_version(camera)
-    m = Manifest(version=version, round=1, target="x86", sha256=sha256_file(model), size=model.stat().st_size,
+    m = Manifest(version=version, round=1, target=target, sha256=sha256_file(model), size=model.stat().st_size,
                  imgsz=imgsz, names=names, map50_fp32=0, map50_int8=0, map_fp32=0, map_int8=0, latency_ms=0,
                  created=now_iso(), parent_checkpoint="",
                  extra={"camera": camera, "base_snapshot": base} if camera else {})
@@ -207,6 +209,23 @@ def test_the_global_channel_has_a_folder_of_its_own_and_an_older_registry_goes_o
     (old / "latest.json").write_text(json.dumps({"version": "v0001", "sha256": "", "round": 1}))
     legacy = Registry(old, key)
     assert legacy.folder() == old and legacy.latest()["version"] == "v0001"  # its next snapshot goes there too
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the note is about x86 int8 kernels")
+def test_an_arm64_snapshot_on_x86_without_vnni_runs_with_a_warning_an_x86_one_without(fleet, tiny_cfg, monkeypatch,
+                                                                                      caplog):
+    registry, server, (m1, m2), tmp = fleet
+    monkeypatch.setenv("FEDCAM_CPUID_MASK", "avx2")  # what a process held to AVX2 sees, whatever this CPU has
+    agent = Agent(server.url, tmp / "device", (registry.root / "server_public_key.pem").read_bytes(), timeout=5)
+    frame = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    with caplog.at_level(logging.WARNING, logger="fedcam.device"):
+        v1 = publish(registry, m1, tiny_cfg.data.names, target="x86")
+        assert agent.poll_once() == f"updated {v1}"
+        v2 = publish(registry, m2, tiny_cfg.data.names, target="arm64")
+        assert agent.poll_once() == f"updated {v2}"
+    warned = [r.getMessage() for r in caplog.records if "VNNI" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"snapshot {v2}:") and "snapshot.target=x86" in warned[0]
+    assert agent.detect(frame)[1].version == v2  # it still runs: a warning, not a refusal
 
 
 def one_weight_changed(model: Path, out: Path, seed: int) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from client.runtime.state import load_state, save_state
+from shared.cpu_isa import int8_kernel_note
 from shared.snapshot.delta import DeltaError, apply_delta, delta_name
 from shared.snapshot.format import (MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Manifest, SnapshotError,
                                     load_public_key, verify_dir, verify_manifest)
@@ -87,6 +88,8 @@ class Agent:
     def _activate(self, version: str) -> None:
         folder = self.dir / "snapshots" / version
         manifest = verify_dir(folder, self.key)  # re-checked on every activation, reboots included
+        if note := int8_kernel_note(manifest.target):
+            log.warning("snapshot %s: %s", version, note)
         detector = Detector(folder / MODEL_FILE, manifest.imgsz, device_settings(manifest, self.conf), self.threads)
         with self.lock:
             self.detector, self.manifest = detector, manifest

@@ -116,11 +116,14 @@ def cmd_run(args) -> None:
 
 def cmd_check(args) -> None:
     """Verify a snapshot against the pinned key, run it on frames and save what it computed, to compare devices."""
+    from shared.cpu_isa import int8_kernel_note
     from shared.snapshot.format import MODEL_FILE, load_public_key, verify_dir
     from shared.snapshot.inference import Detector, device_settings, letterbox, session, to_chw_rgb
 
     folder = Path(args.snapshot)
     manifest = verify_dir(folder, load_public_key(Path(args.key).read_bytes()))
+    if (note := int8_kernel_note(manifest.target)) and not args.unoptimized:
+        logging.warning("snapshot %s: %s", manifest.version, note)
     detector = Detector(folder / MODEL_FILE, manifest.imgsz, device_settings(manifest, args.conf), args.threads,
                         not args.unoptimized)
     # The probe: the same graph with inner tensors as extra outputs (made by the host from this model). It is a
