@@ -1,5 +1,5 @@
 """The same ONNX models timed and scored with all of this CPU's instruction sets and with AVX2 alone (isa_mask.py),
-each side in a fresh process: speed-ups over a baseline model and int8 mAP50 as an AVX2 camera or server sees them."""
+in fresh processes taking turns: speed-ups over a baseline and int8 mAP50 as an AVX2 camera or server sees them."""
 
 from __future__ import annotations
 
@@ -56,15 +56,23 @@ def in_child(spec: dict, level: str) -> dict:
 
 
 def compare(spec: dict, baseline: str, levels=("native", "avx2")) -> dict[str, dict]:
-    """Both sides, one after the other; the ratios that matter (over `baseline`) are timed side by side inside each."""
-    results = {level: in_child(spec, level) for level in levels}
-    for level, r in results.items():
-        print(f"\n{level}: {r['isa']}")
-        print(f"{'model':<28}" + "".join(f"{t + ' thr ms':>12}{'x ' + baseline[:9]:>12}" for t in r["p50"])
-              + f"{'mAP50':>8}")
+    """Both sides, taking turns: each timing round is a fresh process per level, one level after the other, so a
+    slower minute of the machine hits both. The ratios over `baseline` are side by side inside each process; a
+    model's p50 is the median over the rounds. Models are scored once per level, in its first round."""
+    turns: dict[str, list[dict]] = {level: [] for level in levels}
+    for turn in range(spec["rounds"]):
+        for level in levels:
+            turns[level].append(in_child({**spec, "rounds": 1, "scored": spec["scored"] if turn == 0 else {}}, level))
+    results = {}
+    for level, runs in turns.items():
+        p50 = {t: {n: float(np.median([r["p50"][t][n] for r in runs])) for n in spec["timed"]} for t in runs[0]["p50"]}
+        results[level] = {"isa": runs[0]["isa"], "p50": p50, "map50": runs[0]["map50"]}
+        print(f"\n{level}: {runs[0]['isa']}")
+        heads = "".join(f"{t + ' thr ms':>12}{'x ' + baseline[:9]:>12}" for t in p50)
+        print(f"{'model':<28}{heads}{'mAP50':>8}")
         for name in spec["timed"]:
-            cells = "".join(f"{p[name]:>12.2f}{p[baseline] / p[name]:>12.2f}" for p in r["p50"].values())
-            score = r["map50"].get(name)
+            cells = "".join(f"{p[name]:>12.2f}{p[baseline] / p[name]:>12.2f}" for p in p50.values())
+            score = runs[0]["map50"].get(name)
             print(f"{name:<28}{cells}{'' if score is None else f'{score:>8.3f}'}")
     return results
 
