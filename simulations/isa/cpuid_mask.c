@@ -62,7 +62,9 @@ static void pass_on(int sig, siginfo_t *info, void *context) {
 static void on_fault(int sig, siginfo_t *info, void *context) {
     greg_t *reg = ((ucontext_t *)context)->uc_mcontext.gregs;
     const unsigned char *ip = (const unsigned char *)reg[REG_RIP];
-    if (ip[0] != 0x0f || ip[1] != 0xa2) {
+    /* A faulting CPUID is a general protection fault (SI_KERNEL); a bad memory access is not, and its instruction
+     * pointer may not even be readable. */
+    if (info->si_code != SI_KERNEL || ip[0] != 0x0f || ip[1] != 0xa2) {
         pass_on(sig, info, context);
         return;
     }
