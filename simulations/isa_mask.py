@@ -60,8 +60,10 @@ def masked_env(level: str = "avx2", base: dict[str, str] | None = None) -> dict[
 
 
 def check(env: dict[str, str]) -> str:
-    """PyTorch's kernel level in a process with `env`: proof that the mask holds there (it reads CPUID as MLAS does)."""
-    done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
+    """The kernel level PyTorch reads from CPUID in a process with `env` (ATEN_CPU_CAPABILITY aside): proof that the
+    mask holds there, as PyTorch reads CPUID as MLAS does."""
+    probe_env = {k: v for k, v in env.items() if k != "ATEN_CPU_CAPABILITY"}
+    done = subprocess.run([sys.executable, "-c", PROBE], env=probe_env, capture_output=True, text=True, timeout=120)
     if done.returncode:
         raise RuntimeError(f"a process under the CPUID mask failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     return done.stdout.strip()
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         env = dict(os.environ)
     else:
         env = masked_env(args.level)
-        print(f"isa_mask: CPUID masked to {args.level.upper()} (PyTorch sees {check(env)})", file=sys.stderr,
+        print(f"isa_mask: CPUID masked to {args.level.upper()} (PyTorch reads {check(env)} from it)", file=sys.stderr,
               flush=True)
     os.execvpe(command[0], command, env)
 
