@@ -20,8 +20,8 @@ from shared.cpu_isa import isa_summary  # noqa: E402
 
 
 def measure(spec: dict) -> dict:
-    """In this process: each timed model's p50 per thread count (the median of `rounds` side-by-side timings) and
-    each scored model's pooled camera-val mAP50 on the run's held-out cameras."""
+    """In this process: each timed model's p50 per thread count (one side-by-side timing round) and each scored
+    model's pooled camera-val mAP50 on the run's held-out cameras."""
     from bench_snapshot import latencies, map50
     from shared import task
     from shared.config import load_config
@@ -30,8 +30,8 @@ def measure(spec: dict) -> dict:
     timed = {n: Path(p) for n, p in spec["timed"].items()}
     out: dict = {"isa": isa_summary(), "p50": {}, "map50": {}}
     for threads in spec["threads"]:
-        rounds = [latencies(timed, spec["imgsz"], threads, spec["runs"], "steady") for _ in range(spec["rounds"])]
-        out["p50"][str(threads)] = {n: float(np.median([r[n][0] for r in rounds])) for n in timed}
+        p50 = latencies(timed, spec["imgsz"], threads, spec["runs"], "steady")
+        out["p50"][str(threads)] = {n: p50[n][0] for n in timed}
     if spec["scored"]:
         cfg = load_config({**RunDir(Path(spec["run"])).overrides(), "resume": True})
         held = [task.camera_yaml(cfg, k) for k in task.eval_cameras(cfg)]
@@ -42,8 +42,6 @@ def measure(spec: dict) -> dict:
 def in_child(spec: dict, level: str) -> dict:
     """measure() in a fresh process: this CPU's own instruction sets ('native') or a masked level ('avx2')."""
     env = None if level == "native" else isa_mask.masked_env(level)
-    if env is not None and (seen := isa_mask.check(env)) != level.upper():
-        raise RuntimeError(f"the CPUID mask did not hold: PyTorch saw {seen} under FEDCAM_CPUID_MASK={level}")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:
@@ -59,10 +57,13 @@ def compare(spec: dict, baseline: str, levels=("native", "avx2")) -> dict[str, d
     """Both sides, taking turns: each timing round is a fresh process per level, one level after the other, so a
     slower minute of the machine hits both. The ratios over `baseline` are side by side inside each process; a
     model's p50 is the median over the rounds. Models are scored once per level, in its first round."""
+    for level in levels:  # once per level, not per turn: the proof costs a PyTorch import
+        if level != "native" and (seen := isa_mask.check(isa_mask.masked_env(level))) != level.upper():
+            raise RuntimeError(f"the CPUID mask did not hold: PyTorch read {seen} under FEDCAM_CPUID_MASK={level}")
     turns: dict[str, list[dict]] = {level: [] for level in levels}
     for turn in range(spec["rounds"]):
         for level in levels:
-            turns[level].append(in_child({**spec, "rounds": 1, "scored": spec["scored"] if turn == 0 else {}}, level))
+            turns[level].append(in_child({**spec, "scored": spec["scored"] if turn == 0 else {}}, level))
     results = {}
     for level, runs in turns.items():
         p50 = {t: {n: float(np.median([r["p50"][t][n] for r in runs])) for n in spec["timed"]} for t in runs[0]["p50"]}
